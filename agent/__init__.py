@@ -1,0 +1,118 @@
+"""talisker-agent: request ids, deadlines and DogStatsD metrics with no code changes.
+
+``import agent`` activates the agent as the environment says (see
+``docs/configuration.md``): it is idempotent, cheap (no instrumented library,
+no ``datadog``, no ``wrapt`` and not even ``typing`` is imported) and never
+raises. Instrumentations go in when their target modules are imported.
+"""
+
+from __future__ import annotations
+
+from agent._version import __version__
+from agent.context import (
+    DeadlineExceeded,
+    deadline,
+    deadline_timeout,
+    metric_names,
+    request_context,
+)
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from typing import Any
+
+    from agent.config import Config
+
+__all__ = [
+    "DeadlineExceeded",
+    "__version__",
+    "deadline",
+    "deadline_timeout",
+    "flush",
+    "install",
+    "metric_names",
+    "request_context",
+    "uninstall",
+]
+
+
+def install(config: Config | None = None) -> bool:
+    """Activate the agent with ``config`` (default: read from the environment).
+
+    Idempotent: installing the same configuration again changes nothing; a
+    different one replaces the first. Honours ``TALISKER_ENABLED`` and
+    ``TALISKER_DISABLED_INSTRUMENTATIONS``. Returns whether the agent is
+    active. Never raises: a failure is logged once.
+    """
+    try:
+        from agent import config as config_module
+        from agent import metrics, registry
+
+        cfg = config if config is not None else config_module.load()
+        with registry._lock:
+            if not cfg.enabled:
+                _uninstall_locked()
+                return False
+            config_module.current = cfg
+            metrics.configure(cfg)
+            registry.install(cfg)
+        return True
+    except Exception:
+        from agent._log import log_once
+
+        log_once(
+            "install", "agent: install failed; the application runs uninstrumented", exc_info=True
+        )
+        return False
+
+
+def uninstall() -> None:
+    """Deactivate the agent: every patched object is restored, metrics stop."""
+    try:
+        from agent import registry
+
+        with registry._lock:
+            _uninstall_locked()
+    except Exception:
+        from agent._log import log_once
+
+        log_once("uninstall", "agent: uninstall failed", exc_info=True)
+
+
+def _uninstall_locked() -> None:
+    from agent import config as config_module
+    from agent import metrics, registry
+
+    registry.uninstall()
+    metrics.configure(None)
+    config_module.current = None
+
+
+def flush(timeout: float = 2.0) -> bool:
+    """Send the metrics recorded so far now, waiting at most ``timeout`` seconds.
+
+    Rarely needed: metrics are sent periodically and at interpreter exit. Use
+    it before ``os._exit()``, which skips exit handlers.
+    """
+    from agent import metrics
+
+    return metrics.flush(timeout)
+
+
+def __getattr__(name: str) -> Any:
+    # Heavier parts of the API load on first use, keeping `import agent` cheap.
+    raise AttributeError(f"module 'agent' has no attribute {name!r}")
+
+
+def _activate() -> None:
+    try:
+        from agent.config import load
+
+        config = load()
+        if config.enabled:
+            install(config)
+    except Exception:  # pragma: no cover - import agent must never raise
+        pass
+
+
+_activate()

@@ -1,0 +1,104 @@
+"""The agent's own logger, ``agent``, created on first use.
+
+``import logging`` costs more than the agent's whole start-up budget, so
+nothing here imports it until there is something to log. Agent errors go
+through :func:`log_once` (one record per distinct problem, ever) or
+:class:`RateLimited` (a failing metrics destination: one record per period,
+with the count of what was suppressed).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+
+if TYPE_CHECKING:
+    import logging
+
+_logger: logging.Logger | None = None
+_seen: set[str] = set()
+
+
+def logger() -> logging.Logger:
+    """The ``agent`` logger, with its level from ``TALISKER_LOG_LEVEL``."""
+    global _logger
+    if _logger is None:
+        import logging
+
+        from agent.config import InvalidValue, parse_log_level
+
+        log = logging.getLogger("agent")
+        try:
+            # Read here, not from a loaded Config: loading one may need this logger.
+            level = parse_log_level(os.environ.get("TALISKER_LOG_LEVEL", "WARNING"))
+        except InvalidValue:
+            level = "WARNING"  # load() names the bad value in its own warning
+        log.setLevel(level)
+        # Asking for debug output and seeing none because the application never
+        # configured logging helps no one: give the agent's logger a handler then.
+        if level in ("DEBUG", "INFO") and not log.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+            log.addHandler(handler)
+        _logger = log
+    return _logger
+
+
+def log_once(key: str, message: str, *args: object, exc_info: bool = False) -> None:
+    """Log ``message`` as a warning the first time ``key`` is seen in this process.
+
+    Used for agent errors caught on the application's path: the call goes
+    through, and the problem is reported once instead of once per request.
+    """
+    if key in _seen:
+        return
+    _seen.add(key)
+    try:
+        logger().warning(message, *args, exc_info=exc_info)
+    except Exception:  # pragma: no cover - logging itself failing must not reach the app
+        pass
+
+
+def debug(message: str, *args: object) -> None:
+    """A debug record, without importing logging when debug output is off."""
+    log = logger()
+    if log.isEnabledFor(10):
+        log.debug(message, *args)
+
+
+class RateLimited:
+    """Logs the first occurrence as a warning, then at most once per ``period``.
+
+    The later records say how many occurrences were suppressed in between.
+    """
+
+    def __init__(self, period: float = 300.0) -> None:
+        self.period = period
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> bool:
+        """Log unless one was logged less than ``period`` ago; returns whether it logged."""
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return False
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next = now + self.period
+        if suppressed:
+            message += " (%d similar messages suppressed)"
+            args = (*args, suppressed)
+        try:
+            logger().warning(message, *args)
+        except Exception:  # pragma: no cover
+            pass
+        return True
+
+    def reset(self) -> None:
+        """Forget the history: the next occurrence is logged."""
+        self._next = 0.0
+        self._suppressed = 0

@@ -1,0 +1,629 @@
+"""Configuration: every environment variable the agent reads, declared once.
+
+Each :class:`Setting` carries its variable name, parser, default and a one-line
+doc. The same declarations drive validation (:func:`load`), the reference table
+in ``docs/configuration.md`` (:func:`markdown_table`) and ``talisker-run --check``.
+
+This module is on the start-up path of every process that runs the agent, so it
+imports nothing beyond ``os``: no ``typing``, no ``re``, no ``logging`` (a
+warning about a bad value imports ``logging`` only when there is one to give).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
+
+__all__ = [
+    "SETTINGS",
+    "Config",
+    "ConfigError",
+    "Destination",
+    "load",
+]
+
+#: Instrumentations the agent knows, in the order they are documented.
+INSTRUMENTATIONS = ("urllib3", "requests", "psycopg2", "flask")
+
+#: Tag keys Datadog gives a meaning of its own; see :mod:`agent.metrics`.
+RESERVED_TAG_KEYS = frozenset({"host", "device", "source", "service"})
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the agent cannot use (strict mode)."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+class InvalidValue(ValueError):
+    """Raised by a parser: ``expected`` says what a valid value looks like.
+
+    ``salvaged`` is the part of the value that could be used (for a list with
+    one bad item, the good items); it is used instead of the default.
+    """
+
+    def __init__(self, expected: str, salvaged: object = None) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.salvaged = salvaged
+
+
+class Setting:
+    """One environment variable: its name, parser, default and documentation.
+
+    Declared as a class attribute of :class:`Config`; on an instance the parsed
+    value is a plain attribute, so reading configuration costs a dict lookup.
+    """
+
+    __slots__ = ("attr", "default", "doc", "env", "parse", "shown_default")
+
+    def __init__(
+        self,
+        env: str,
+        parse: Callable[[str], Any],
+        default: Any,
+        doc: str,
+        shown_default: str | None = None,
+    ) -> None:
+        self.env = env
+        self.parse = parse
+        self.default = default
+        self.doc = doc
+        self.attr = ""
+        self.shown_default = shown_default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = name
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        raise AttributeError(self.attr)  # pragma: no cover - load() sets every attribute
+
+    def describe_default(self) -> str:
+        """The default as the documentation shows it."""
+        if self.shown_default is not None:
+            return self.shown_default
+        return describe(self.default)
+
+
+def setting(
+    env: str, parse: Callable[[str], T], default: T, doc: str, shown_default: str | None = None
+) -> T:
+    """Declare a setting. Typed as its value so ``config.enabled`` is a ``bool``."""
+    return Setting(env, parse, default, doc, shown_default)  # type: ignore[return-value]
+
+
+def describe(value: object) -> str:
+    """Render a parsed value the way a user would write it in the environment."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+# -- parsers ------------------------------------------------------------------
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(raw: str) -> bool:
+    """``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off``."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise InvalidValue("true or false")
+
+
+def _number(raw: str, expected: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise InvalidValue(expected) from None
+    if not math.isfinite(value):
+        raise InvalidValue(expected)
+    return value
+
+
+def parse_milliseconds(raw: str) -> float | None:
+    """A positive number of milliseconds, returned in seconds; empty means none."""
+    if not raw.strip():
+        return None
+    expected = "a positive number of milliseconds"
+    value = _number(raw, expected)
+    if value <= 0:
+        raise InvalidValue(expected)
+    return value / 1000.0
+
+
+def parse_interval(raw: str) -> float:
+    """A number of seconds, zero or more."""
+    value = _number(raw, "a number of seconds, 0 or more")
+    if value < 0:
+        raise InvalidValue("a number of seconds, 0 or more")
+    return value
+
+
+def parse_positive_seconds(raw: str) -> float:
+    """A positive number of seconds."""
+    value = _number(raw, "a positive number of seconds")
+    if value <= 0:
+        raise InvalidValue("a positive number of seconds")
+    return value
+
+
+def parse_positive_int(raw: str) -> int:
+    """A whole number, 1 or more."""
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InvalidValue("a whole number, 1 or more") from None
+    if value < 1:
+        raise InvalidValue("a whole number, 1 or more")
+    return value
+
+
+def parse_port(raw: str) -> int:
+    """A port number, 1 to 65535."""
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise InvalidValue("a port number, 1 to 65535") from None
+    if not 1 <= value <= 65535:
+        raise InvalidValue("a port number, 1 to 65535")
+    return value
+
+
+def parse_text(raw: str) -> str:
+    """Any text; surrounding spaces are removed."""
+    return raw.strip()
+
+
+def parse_optional_text(raw: str) -> str | None:
+    """Any text; empty means none."""
+    return raw.strip() or None
+
+
+def parse_host(raw: str) -> str:
+    """A host name or address."""
+    value = raw.strip()
+    if not value or any(c in value for c in " /@?#"):
+        raise InvalidValue("a host name or IP address")
+    return value
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+
+
+def parse_prefix(raw: str) -> str:
+    """A metric name prefix: letters, digits, ``_`` and ``.``; empty for none."""
+    value = raw.strip().strip(".")
+    if value and (not value[0].isalpha() or not set(value) <= _NAME_CHARS):
+        raise InvalidValue("a metric prefix: a letter, then letters, digits, '_' or '.'")
+    return value
+
+
+_HEADER_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~"
+)
+
+
+def parse_header_name(raw: str) -> str:
+    """An HTTP header name (an RFC 9110 token)."""
+    value = raw.strip()
+    if not value or not set(value) <= _HEADER_CHARS:
+        raise InvalidValue("an HTTP header name such as X-Request-Id")
+    return value
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def parse_log_level(raw: str) -> str:
+    """One of DEBUG, INFO, WARNING, ERROR, CRITICAL."""
+    value = raw.strip().upper()
+    if value == "WARN":
+        value = "WARNING"
+    if value not in _LOG_LEVELS:
+        raise InvalidValue("one of " + ", ".join(_LOG_LEVELS))
+    return value
+
+
+def parse_instrumentations(raw: str) -> frozenset[str]:
+    """A comma list of instrumentation names, or ``all``."""
+    names = {n.strip().lower() for n in raw.split(",") if n.strip()}
+    if "all" in names:
+        return frozenset(INSTRUMENTATIONS)
+    unknown = names.difference(INSTRUMENTATIONS)
+    if unknown:
+        raise InvalidValue(
+            "a comma list of " + ", ".join(INSTRUMENTATIONS) + ", or all",
+            salvaged=frozenset(names.intersection(INSTRUMENTATIONS)),
+        )
+    return frozenset(names)
+
+
+def parse_timing_type(raw: str) -> str:
+    """``distribution`` or ``histogram``."""
+    value = raw.strip().lower()
+    if value not in ("distribution", "histogram"):
+        raise InvalidValue("distribution or histogram")
+    return value
+
+
+def parse_tags(raw: str) -> tuple[str, ...]:
+    """``key:value`` pairs separated by commas or spaces (as the Datadog agent reads DD_TAGS)."""
+    tags = []
+    bad = False
+    for item in raw.replace(",", " ").split():
+        key, sep, value = item.partition(":")
+        if not key or not sep or not value:
+            bad = True
+            continue
+        tags.append(item)
+    if bad:
+        raise InvalidValue("key:value pairs separated by commas or spaces", salvaged=tuple(tags))
+    return tuple(tags)
+
+
+def parse_endpoint_names(raw: str) -> dict[str, str]:
+    """``netloc=name`` pairs separated by commas, e.g. ``10.0.0.5:8000=users-api``."""
+    names: dict[str, str] = {}
+    bad = False
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        netloc, sep, name = item.partition("=")
+        netloc, name = netloc.strip().lower(), name.strip()
+        if not sep or not netloc or not name:
+            bad = True
+            continue
+        names[netloc] = name
+    if bad:
+        raise InvalidValue("netloc=name pairs separated by commas", salvaged=names)
+    return names
+
+
+_DSD_SCHEMES = ("udp", "unix", "unixgram", "unixstream")
+
+
+class Destination:
+    """Where metrics go: ``udp`` with a host and port, or a unix socket path."""
+
+    __slots__ = ("host", "path", "port", "prefix", "scheme")
+
+    def __init__(
+        self,
+        scheme: str,
+        host: str | None = None,
+        port: int | None = None,
+        path: str | None = None,
+        prefix: str | None = None,
+    ) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.path = path
+        self.prefix = prefix  # only STATSD_DSN carries one
+
+    def __repr__(self) -> str:
+        return f"Destination({self})"
+
+    def __str__(self) -> str:
+        if self.scheme == "udp":
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            return f"udp://{host}:{self.port}"
+        return f"{self.scheme}://{self.path}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Destination) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+
+def _split_host_port(netloc: str, default_port: int | None) -> tuple[str, int]:
+    netloc = netloc.rpartition("@")[2]  # never keep user info
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = netloc.partition(":")
+    if not host:
+        raise InvalidValue("a URL with a host")
+    if port_text:
+        return host, parse_port(port_text)
+    if default_port is None:
+        raise InvalidValue("a URL with a host and a port")
+    return host, default_port
+
+
+def parse_dogstatsd_url(raw: str) -> Destination | None:
+    """``udp://host:port`` or ``unix:///path/to/dsd.socket``; empty means unset."""
+    value = raw.strip()
+    if not value:
+        return None
+    expected = "udp://host:port or unix:///path/to/dsd.socket"
+    scheme, sep, rest = value.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DSD_SCHEMES:
+        raise InvalidValue(expected)
+    if scheme == "udp":
+        try:
+            host, port = _split_host_port(rest.partition("/")[0], None)
+        except InvalidValue:
+            raise InvalidValue(expected) from None
+        return Destination("udp", host=host, port=port)
+    if not rest.startswith("/"):
+        raise InvalidValue(expected)
+    return Destination(scheme, path=rest)
+
+
+def parse_statsd_dsn(raw: str) -> Destination | None:
+    """talisker's ``udp://host:port/prefix``; empty means unset."""
+    value = raw.strip()
+    if not value:
+        return None
+    expected = "udp://host:port/prefix"
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() != "udp":
+        raise InvalidValue(expected)
+    netloc, _, path = rest.partition("/")
+    try:
+        host, port = _split_host_port(netloc, 8125)
+        prefix = parse_prefix(path.partition("?")[0].replace("/", "."))
+    except InvalidValue:
+        raise InvalidValue(expected) from None
+    return Destination("udp", host=host, port=port, prefix=prefix or None)
+
+
+# -- the declarations -----------------------------------------------------------
+
+
+class Config:
+    """The agent's effective configuration, read from the environment by :func:`load`.
+
+    Class attributes are the :class:`Setting` declarations; instance attributes
+    are the parsed values. Instances are treated as immutable.
+    """
+
+    enabled = setting(
+        "TALISKER_ENABLED", parse_bool, True, "Master switch: `false` turns the agent off."
+    )
+    disabled_instrumentations: frozenset[str] = setting(
+        "TALISKER_DISABLED_INSTRUMENTATIONS",
+        parse_instrumentations,
+        frozenset(),
+        "Comma list of instrumentations to leave off: `urllib3`, `requests`, `psycopg2`, "
+        "`flask`, or `all`.",
+        shown_default="empty",
+    )
+    metrics_enabled = setting(
+        "TALISKER_METRICS_ENABLED",
+        parse_bool,
+        True,
+        "`false`: request ids, deadlines and timeouts still work; no metric is sent.",
+    )
+    dogstatsd_url = setting(
+        "DD_DOGSTATSD_URL",
+        parse_dogstatsd_url,
+        None,
+        "Metrics destination: `udp://host:port` or `unix:///path/to/dsd.socket`. "
+        "Takes precedence over the three below.",
+    )
+    agent_host = setting(
+        "DD_AGENT_HOST",
+        parse_host,
+        "localhost",
+        "DogStatsD host, when `DD_DOGSTATSD_URL` is unset. Resolved once, off the request path.",
+    )
+    dogstatsd_port = setting(
+        "DD_DOGSTATSD_PORT", parse_port, 8125, "DogStatsD UDP port, with `DD_AGENT_HOST`."
+    )
+    statsd_dsn = setting(
+        "STATSD_DSN",
+        parse_statsd_dsn,
+        None,
+        "talisker's `udp://host:port/prefix`, used when none of the three above is set.",
+    )
+    service = setting(
+        "DD_SERVICE", parse_optional_text, None, "Constant tag `service:` on every metric."
+    )
+    env = setting("DD_ENV", parse_optional_text, None, "Constant tag `env:` on every metric.")
+    version = setting(
+        "DD_VERSION", parse_optional_text, None, "Constant tag `version:` on every metric."
+    )
+    tags: tuple[str, ...] = setting(
+        "DD_TAGS",
+        parse_tags,
+        (),
+        "Constant tags: `key:value` pairs separated by commas or spaces.",
+        shown_default="empty",
+    )
+    metrics_prefix = setting(
+        "TALISKER_METRICS_PREFIX",
+        parse_prefix,
+        "talisker",
+        "Prefix of every metric name (`talisker.requests.count`); empty for none. "
+        "Unset, a `STATSD_DSN` prefix is used.",
+    )
+    max_tag_values = setting(
+        "TALISKER_METRICS_MAX_TAG_VALUES",
+        parse_positive_int,
+        100,
+        "Distinct values kept per tag key and metric; later values are sent as `other`.",
+    )
+    timing_type = setting(
+        "TALISKER_METRICS_TIMING_TYPE",
+        parse_timing_type,
+        "distribution",
+        "DogStatsD type of latency and CPU metrics: `distribution` or `histogram`.",
+    )
+    flush_interval = setting(
+        "TALISKER_METRICS_FLUSH_INTERVAL",
+        parse_positive_seconds,
+        1.0,
+        "Seconds between sends from the background thread; metrics are also sent at exit.",
+    )
+    request_timeout = setting(
+        "TALISKER_REQUEST_TIMEOUT",
+        parse_milliseconds,
+        None,
+        "Milliseconds: the deadline of every incoming request.",
+    )
+    soft_request_timeout = setting(
+        "TALISKER_SOFT_REQUEST_TIMEOUT",
+        parse_milliseconds,
+        None,
+        "Milliseconds: slower incoming requests are logged as a warning and counted.",
+    )
+    endpoint_names: dict[str, str] = setting(
+        "TALISKER_ENDPOINT_NAMES",
+        parse_endpoint_names,
+        {},
+        "`netloc=name` pairs, e.g. `10.0.0.5:8000=users-api`: the `peer` tag of calls to them.",
+        shown_default="empty",
+    )
+    runtime_metrics_interval = setting(
+        "TALISKER_RUNTIME_METRICS_INTERVAL",
+        parse_interval,
+        10.0,
+        "Seconds between process CPU metrics; `0` turns them off.",
+    )
+    log_level = setting(
+        "TALISKER_LOG_LEVEL",
+        parse_log_level,
+        "WARNING",
+        "Level of the agent's own logger, `agent`.",
+    )
+    id_header = setting(
+        "TALISKER_ID_HEADER", parse_header_name, "X-Request-Id", "Header carrying the request id."
+    )
+    deadline_header = setting(
+        "TALISKER_DEADLINE_HEADER",
+        parse_header_name,
+        "X-Request-Deadline",
+        "Header carrying the absolute deadline.",
+    )
+    compose_request_id = setting(
+        "TALISKER_COMPOSE_REQUEST_ID",
+        parse_bool,
+        False,
+        "`true`: an incoming id becomes `<new id>-<incoming id>` (talisker's fan-out form).",
+    )
+
+    def __init__(self, values: Mapping[str, object], sources: Mapping[str, str]) -> None:
+        self.__dict__.update(values)
+        #: setting attribute -> "env" or "default" (or "invalid" when the default replaced it)
+        self.sources = dict(sources)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return all(getattr(self, s.attr) == getattr(other, s.attr) for s in SETTINGS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def destination(self) -> Destination:
+        """Where metrics go, by the documented precedence."""
+        if self.dogstatsd_url is not None:
+            return self.dogstatsd_url
+        agent_set = self.sources["agent_host"] == "env" or self.sources["dogstatsd_port"] == "env"
+        if not agent_set and self.statsd_dsn is not None:
+            return self.statsd_dsn
+        return Destination("udp", host=self.agent_host, port=self.dogstatsd_port)
+
+    @property
+    def prefix(self) -> str:
+        """``TALISKER_METRICS_PREFIX``, else the ``STATSD_DSN`` prefix, else ``talisker``."""
+        if self.sources["metrics_prefix"] != "env":
+            dsn = self.statsd_dsn
+            if dsn is not None and dsn.prefix and self.destination is dsn:
+                return dsn.prefix
+        return self.metrics_prefix
+
+    def instrumentation_enabled(self, name: str) -> bool:
+        """Whether the named instrumentation is to be installed."""
+        return self.enabled and name not in self.disabled_instrumentations
+
+
+#: The configuration the agent was installed with; ``None`` when it is not active.
+#: Wrappers read it on every call and pass through when it is ``None``.
+current: Config | None = None
+
+SETTINGS: tuple[Setting, ...] = tuple(v for v in vars(Config).values() if isinstance(v, Setting))
+
+
+def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Config:
+    """Read every setting from ``environ`` (default ``os.environ``).
+
+    A bad value is named in one warning (variable, value, what is used
+    instead) and the default, or the usable part of the value, is used. With
+    ``strict=True`` the first bad value raises :class:`ConfigError` instead.
+    """
+    if environ is None:
+        environ = os.environ
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    problems: list[str] = []
+    for s in SETTINGS:
+        raw = environ.get(s.env)
+        if raw is None:
+            values[s.attr], sources[s.attr] = s.default, "default"
+            continue
+        try:
+            values[s.attr], sources[s.attr] = s.parse(raw), "env"
+        except InvalidValue as exc:
+            used = s.default if exc.salvaged is None else exc.salvaged
+            message = (
+                f"agent: {s.env}={raw!r} is not valid (expected {exc.expected}); "
+                f"using {describe(used)!r} instead"
+            )
+            if strict:
+                raise ConfigError(
+                    s.env, f"{s.env}={raw!r} is not valid: expected {exc.expected}"
+                ) from None
+            values[s.attr], sources[s.attr] = used, "invalid"
+            problems.append(message)
+    if problems:
+        from agent._log import logger
+
+        for message in problems:
+            logger().warning("%s", message)
+    return Config(values, sources)
+
+
+def markdown_table() -> str:
+    """The configuration reference table for ``docs/configuration.md``."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        lines.append(f"| `{s.env}` | {_md_default(s)} | {s.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_default(s: Setting) -> str:
+    shown = s.describe_default()
+    return shown if shown in ("none", "empty") else f"`{shown}`"

@@ -1,0 +1,1 @@
+"""One module per instrumented library; each declares its ``PATCHES`` for the registry."""

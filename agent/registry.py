@@ -1,0 +1,198 @@
+"""The patch registry: puts instrumentations in when their targets are imported.
+
+An instrumentation module (``agent/instrumentation/<name>.py``) declares what
+it wraps as a tuple of :class:`Patch` named ``PATCHES``; the registry owns the
+rest: the post-import hooks, the lock, idempotence (our wrappers are instances
+of one marker class), failure isolation and :func:`uninstall`, which puts the
+exact original objects back.
+
+Nothing here imports a target or wrapt: both happen when a target module
+is imported by the application (or was already, when :func:`install` runs).
+"""
+
+from __future__ import annotations
+
+import sys
+from _thread import RLock
+
+from agent import _log
+from agent._importhook import PostImportFinder
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+    from typing import Any
+
+    from agent.config import Config
+
+    Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+
+__all__ = ["TARGETS", "Patch", "install", "installed", "uninstall"]
+
+#: instrumentation name -> the modules whose import triggers it. Kept here, not
+#: read from the instrumentation modules, so that watching costs no import;
+#: tests check it against each module's ``PATCHES``.
+TARGETS: dict[str, tuple[str, ...]] = {}
+
+
+class Patch:
+    """One thing an instrumentation wraps: ``module``, a dotted ``path`` in it, the wrapper.
+
+    The wrapper has wrapt's signature ``(wrapped, instance, args, kwargs)``.
+    """
+
+    __slots__ = ("module", "path", "wrapper")
+
+    def __init__(self, module: str, path: str, wrapper: Wrapper) -> None:
+        self.module = module
+        self.path = path
+        self.wrapper = wrapper
+
+    def __repr__(self) -> str:
+        return f"Patch({self.module}:{self.path})"
+
+
+class _Applied:
+    __slots__ = ("attr", "original", "owner", "wrapper")
+
+    def __init__(self, owner: Any, attr: str, original: Any, wrapper: Any) -> None:
+        self.owner = owner
+        self.attr = attr
+        self.original = original
+        self.wrapper = wrapper
+
+
+_lock = RLock()
+_finder: PostImportFinder | None = None
+_config: Config | None = None
+_enabled: frozenset[str] = frozenset()
+_applied: dict[tuple[str, str], _Applied] = {}
+_wrapper_class: type | None = None
+
+
+def installed() -> bool:
+    """Whether the registry is installed (hooks in place, patches as targets load)."""
+    return _finder is not None
+
+
+def active_names() -> frozenset[str]:
+    """The instrumentations the installed registry puts in."""
+    return _enabled
+
+
+def applied() -> list[str]:
+    """``module:path`` of every patch currently in place."""
+    with _lock:
+        return [f"{m}:{p}" for m, p in _applied]
+
+
+def install(config: Config) -> None:
+    """Watch the targets of every enabled instrumentation; patch those already imported."""
+    global _finder, _config, _enabled
+    with _lock:
+        if _finder is not None:
+            if config == _config:
+                return
+            uninstall()
+        if not config.enabled:
+            return
+        _config = config
+        _enabled = frozenset(n for n in TARGETS if config.instrumentation_enabled(n))
+        watched = [m for n in _enabled for m in TARGETS[n]]
+        _finder = PostImportFinder(_on_import, watched)
+        sys.meta_path.insert(0, _finder)
+        for name in watched:
+            module = sys.modules.get(name)
+            if module is not None and not _initializing(module):
+                _on_import(module)
+
+
+def uninstall() -> None:
+    """Remove the hooks and put every original object back, by identity."""
+    global _finder, _config, _enabled
+    with _lock:
+        if _finder is not None:
+            try:
+                sys.meta_path.remove(_finder)
+            except ValueError:
+                pass
+        _finder, _config, _enabled = None, None, frozenset()
+        for key, record in list(_applied.items()):
+            current = vars(record.owner).get(record.attr)
+            if current is record.wrapper:
+                setattr(record.owner, record.attr, record.original)
+            else:
+                _log.log_once(
+                    f"uninstall:{key}",
+                    "agent: cannot restore %s:%s, it was replaced after the agent wrapped it",
+                    *key,
+                )
+            del _applied[key]
+
+
+def _initializing(module: ModuleType) -> bool:
+    spec = getattr(module, "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
+
+
+def _on_import(module: ModuleType) -> None:
+    """Post-import hook: apply the patches of every instrumentation watching ``module``."""
+    with _lock:
+        for name in _enabled:
+            if module.__name__ in TARGETS[name]:
+                _apply_instrumentation(name)
+
+
+def _apply_instrumentation(name: str) -> None:
+    try:
+        instrumentation = __import__(f"agent.instrumentation.{name}", fromlist=["PATCHES"])
+        patches: tuple[Patch, ...] = instrumentation.PATCHES
+    except Exception:
+        _log.log_once(
+            f"load:{name}", "agent: the %s instrumentation failed to load", name, exc_info=True
+        )
+        return
+    for patch in patches:
+        module = sys.modules.get(patch.module)
+        if module is None or (patch.module, patch.path) in _applied:
+            continue
+        try:
+            _apply(module, patch)
+        except Exception:
+            _log.log_once(
+                f"patch:{patch.module}:{patch.path}",
+                "agent: could not patch %s:%s; the rest of the agent still works",
+                patch.module,
+                patch.path,
+                exc_info=True,
+            )
+
+
+def _apply(module: ModuleType, patch: Patch) -> None:
+    owner: Any = module
+    *parents, attr = patch.path.split(".")
+    for part in parents:
+        owner = getattr(owner, part)
+    original = vars(owner)[attr]
+    marker = wrapper_class()
+    if isinstance(original, marker):
+        return  # already ours (e.g. state lost by a reload of this module)
+    wrapper = marker(original, patch.wrapper)
+    setattr(owner, attr, wrapper)
+    _applied[(patch.module, patch.path)] = _Applied(owner, attr, original, wrapper)
+
+
+def wrapper_class() -> type:
+    """The marker subclass of ``wrapt.FunctionWrapper`` that all agent patches use."""
+    global _wrapper_class
+    if _wrapper_class is None:
+        import wrapt
+
+        base: Any = wrapt.FunctionWrapper  # generic in wrapt 2's stubs, not in 1.x
+
+        class AgentWrapper(base):  # type: ignore[misc]
+            """A wrapt function wrapper put in by talisker-agent."""
+
+        _wrapper_class = AgentWrapper
+    return _wrapper_class

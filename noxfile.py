@@ -1,0 +1,69 @@
+"""Development sessions: `nox -s tests lint typecheck docs bench`."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.reuse_existing_virtualenvs = True
+
+ALL_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+
+def _found(version: str) -> bool:
+    """Whether `pythonX.Y` runs here; pyenv installs are put on PATH first.
+
+    pyenv's shims answer for every installed version but only run the selected
+    one, so a shim on PATH proves nothing: look in ~/.pyenv/versions instead.
+    """
+    for bindir in sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin"))):
+        if bindir not in os.environ["PATH"].split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ["PATH"]
+        return True
+    found = shutil.which(f"python{version}")
+    return found is not None and ".pyenv/shims" not in found
+
+
+# Test on each supported Python this machine has.
+PYTHONS = [v for v in ALL_PYTHONS if _found(v)] or ["3"]
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The test suite, on each Python 3.10-3.13 found."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1:])
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHONS[-1:])
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on agent/."""
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHONS[-1:])
+def docs(session: nox.Session) -> None:
+    """Strict documentation build."""
+    session.install("-e", ".", "mkdocs")
+    session.run("mkdocs", "build", "--strict", "--site-dir", session.create_tmp() + "/site")
+
+
+@nox.session(python=PYTHONS[-1:])
+def bench(session: nox.Session) -> None:
+    """Benchmark scripts: each prints its figures and ratios."""
+    session.install("-e", ".[test]")
+    for script in ("startup.py", "metric_call.py"):
+        session.run("python", f"benchmarks/{script}")

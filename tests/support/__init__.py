@@ -1,0 +1,1 @@
+"""Shared test support: real sockets, real servers, real subprocesses."""

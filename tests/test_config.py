@@ -1,0 +1,187 @@
+"""Configuration: one declaration per variable; bad values named once; strict mode."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.config import SETTINGS, ConfigError, Destination, load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_setting_is_declared_once_with_a_doc():
+    names = [s.env for s in SETTINGS]
+    assert len(names) == len(set(names))
+    for s in SETTINGS:
+        assert s.doc and s.doc[-1] == ".", s.env
+        assert s.attr
+
+
+def test_the_design_variables_are_all_declared():
+    declared = {s.env for s in SETTINGS}
+    assert {
+        "TALISKER_ENABLED",
+        "TALISKER_DISABLED_INSTRUMENTATIONS",
+        "TALISKER_METRICS_ENABLED",
+        "DD_DOGSTATSD_URL",
+        "DD_AGENT_HOST",
+        "DD_DOGSTATSD_PORT",
+        "STATSD_DSN",
+        "DD_SERVICE",
+        "DD_ENV",
+        "DD_VERSION",
+        "DD_TAGS",
+        "TALISKER_METRICS_PREFIX",
+        "TALISKER_REQUEST_TIMEOUT",
+        "TALISKER_SOFT_REQUEST_TIMEOUT",
+        "TALISKER_ENDPOINT_NAMES",
+        "TALISKER_RUNTIME_METRICS_INTERVAL",
+        "TALISKER_LOG_LEVEL",
+        "TALISKER_ID_HEADER",
+        "TALISKER_DEADLINE_HEADER",
+    } <= declared
+
+
+def test_defaults_with_an_empty_environment():
+    cfg = load({})
+    assert cfg.enabled is True
+    assert cfg.metrics_enabled is True
+    assert cfg.disabled_instrumentations == frozenset()
+    assert cfg.request_timeout is None
+    assert cfg.runtime_metrics_interval == 10.0
+    assert cfg.prefix == "talisker"
+    assert cfg.destination == Destination("udp", host="localhost", port=8125)
+    assert cfg.id_header == "X-Request-Id"
+    assert cfg.deadline_header == "X-Request-Deadline"
+
+
+def test_each_default_is_what_its_parser_makes_of_the_documented_default():
+    for s in SETTINGS:
+        shown = s.describe_default()
+        if shown in ("none", "empty"):
+            continue
+        assert s.parse(shown) == s.default, s.env
+
+
+def test_values_are_parsed():
+    cfg = load(
+        {
+            "TALISKER_ENABLED": "off",
+            "TALISKER_REQUEST_TIMEOUT": "1500",
+            "TALISKER_DISABLED_INSTRUMENTATIONS": "requests, PSYCOPG2",
+            "TALISKER_ENDPOINT_NAMES": "10.0.0.5:8000=users-api, db:5432=orders",
+            "DD_TAGS": "team:core,region:eu zone:a",
+            "TALISKER_LOG_LEVEL": "debug",
+        }
+    )
+    assert cfg.enabled is False
+    assert cfg.request_timeout == 1.5
+    assert cfg.disabled_instrumentations == {"requests", "psycopg2"}
+    assert cfg.endpoint_names == {"10.0.0.5:8000": "users-api", "db:5432": "orders"}
+    assert cfg.tags == ("team:core", "region:eu", "zone:a")
+    assert cfg.log_level == "DEBUG"
+
+
+def test_all_disables_every_instrumentation():
+    cfg = load({"TALISKER_DISABLED_INSTRUMENTATIONS": "all"})
+    assert cfg.disabled_instrumentations == set(config.INSTRUMENTATIONS)
+    assert not any(cfg.instrumentation_enabled(n) for n in config.INSTRUMENTATIONS)
+
+
+def test_a_bad_value_is_named_in_one_warning_and_the_default_is_used(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        cfg = load({"TALISKER_REQUEST_TIMEOUT": "abc", "DD_DOGSTATSD_PORT": "99999"})
+    assert cfg.request_timeout is None
+    assert cfg.dogstatsd_port == 8125
+    messages = [r.getMessage() for r in caplog.records if r.name == "agent"]
+    assert len(messages) == 2
+    timeout = next(m for m in messages if "TALISKER_REQUEST_TIMEOUT" in m)
+    assert "'abc'" in timeout and "milliseconds" in timeout and "using 'none' instead" in timeout
+    port = next(m for m in messages if "DD_DOGSTATSD_PORT" in m)
+    assert "'99999'" in port and "using '8125' instead" in port
+    assert cfg.sources["request_timeout"] == "invalid"
+
+
+def test_a_list_with_a_bad_item_keeps_the_good_items(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        cfg = load({"TALISKER_DISABLED_INSTRUMENTATIONS": "requests,urlib3"})
+    assert cfg.disabled_instrumentations == {"requests"}
+    (record,) = [r for r in caplog.records if r.name == "agent"]
+    assert "'requests,urlib3'" in record.getMessage()
+    assert "using 'requests' instead" in record.getMessage()
+
+
+def test_strict_mode_raises_naming_the_variable():
+    with pytest.raises(ConfigError) as info:
+        load({"TALISKER_REQUEST_TIMEOUT": "abc"}, strict=True)
+    assert info.value.variable == "TALISKER_REQUEST_TIMEOUT"
+    assert "TALISKER_REQUEST_TIMEOUT='abc'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("TALISKER_REQUEST_TIMEOUT", "-5"),
+        ("TALISKER_REQUEST_TIMEOUT", "nan"),
+        ("TALISKER_RUNTIME_METRICS_INTERVAL", "-1"),
+        ("TALISKER_ENABLED", "maybe"),
+        ("DD_DOGSTATSD_URL", "tcp://localhost:8125"),
+        ("DD_DOGSTATSD_URL", "udp://localhost"),
+        ("DD_DOGSTATSD_URL", "unix://relative/path"),
+        ("STATSD_DSN", "http://localhost:8125"),
+        ("TALISKER_METRICS_PREFIX", "9lives"),
+        ("TALISKER_ID_HEADER", "X Request Id"),
+        ("DD_TAGS", "novalue"),
+        ("TALISKER_ENDPOINT_NAMES", "10.0.0.5:8000"),
+        ("TALISKER_LOG_LEVEL", "LOUD"),
+        ("TALISKER_METRICS_MAX_TAG_VALUES", "0"),
+    ],
+)
+def test_invalid_values_are_rejected(env, value):
+    with pytest.raises(ConfigError) as info:
+        load({env: value}, strict=True)
+    assert info.value.variable == env
+
+
+def test_destination_precedence():
+    url = "udp://10.1.1.1:9125"
+    dsn = "udp://10.2.2.2:8126/legacy.app"
+    assert load({"DD_DOGSTATSD_URL": url, "DD_AGENT_HOST": "x", "STATSD_DSN": dsn}).destination == (
+        Destination("udp", host="10.1.1.1", port=9125)
+    )
+    assert load({"DD_AGENT_HOST": "agent", "STATSD_DSN": dsn}).destination == Destination(
+        "udp", host="agent", port=8125
+    )
+    assert load({"DD_DOGSTATSD_PORT": "9000", "STATSD_DSN": dsn}).destination == Destination(
+        "udp", host="localhost", port=9000
+    )
+    cfg = load({"STATSD_DSN": dsn})
+    assert cfg.destination == Destination("udp", host="10.2.2.2", port=8126)
+    assert cfg.prefix == "legacy.app"
+    assert load({"STATSD_DSN": dsn, "TALISKER_METRICS_PREFIX": "mine"}).prefix == "mine"
+    assert load({"TALISKER_METRICS_PREFIX": ""}).prefix == ""
+
+
+def test_unix_and_ipv6_destinations():
+    assert str(load({"DD_DOGSTATSD_URL": "unix:///var/run/dsd.socket"}).destination) == (
+        "unix:///var/run/dsd.socket"
+    )
+    assert str(load({"DD_DOGSTATSD_URL": "udp://[::1]:8125"}).destination) == "udp://[::1]:8125"
+
+
+def test_statsd_dsn_user_info_is_never_kept():
+    cfg = load({"STATSD_DSN": "udp://user:s3cret@statsd:8125/app"})
+    assert "s3cret" not in str(cfg.destination)
+    assert cfg.destination == Destination("udp", host="statsd", port=8125)
+
+
+def test_docs_configuration_table_matches_the_declarations():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert config.markdown_table() in page, (
+        "docs/configuration.md is out of date: regenerate the table with "
+        "`python -c 'import agent.config as c; print(c.markdown_table())'`"
+    )

@@ -1,0 +1,127 @@
+"""Request context: ids, deadlines on the monotonic clock, per-call names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import pytest
+
+import agent
+from agent import context
+from agent.context import Deadline, DeadlineExceeded
+
+
+def test_deadline_exceeded_is_a_timeout_error():
+    assert issubclass(DeadlineExceeded, TimeoutError)
+
+
+def test_no_deadline_outside_any_scope():
+    assert agent.deadline_timeout() is None
+    assert context.current().deadline is None
+    assert context.current().request_id is None
+
+
+def test_deadline_timeout_counts_down_and_then_raises():
+    with agent.deadline(0.2):
+        left = agent.deadline_timeout()
+        assert left is not None and 0.15 < left <= 0.2
+        time.sleep(0.25)
+        with pytest.raises(DeadlineExceeded):
+            agent.deadline_timeout()
+    assert agent.deadline_timeout() is None
+
+
+def test_nested_deadlines_keep_the_earliest():
+    with agent.deadline(1.0):
+        with agent.deadline(10.0):
+            assert agent.deadline_timeout() <= 1.0
+        with agent.deadline(0.1):
+            assert agent.deadline_timeout() <= 0.1
+        assert 0.5 < agent.deadline_timeout() <= 1.0
+
+
+def test_deadline_none_changes_nothing():
+    with agent.deadline(None):
+        assert agent.deadline_timeout() is None
+
+
+def test_deadline_works_as_a_decorator_and_reenters():
+    @agent.deadline(0.5)
+    def left(depth: int) -> float:
+        if depth:
+            return left(depth - 1)
+        value = agent.deadline_timeout()
+        assert value is not None
+        return value
+
+    assert 0.4 < left(3) <= 0.5
+    assert agent.deadline_timeout() is None
+
+
+def test_deadline_header_is_iso_utc_with_milliseconds_and_never_later():
+    d = Deadline.after(5.0)
+    header = d.header()
+    parsed = datetime.strptime(header, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    assert len(header) == len("2026-11-21T05:12:33.123Z")
+    expected = time.time() + d.remaining()
+    assert expected - 0.01 <= parsed.timestamp() <= expected + 1e-6
+
+
+def test_deadline_from_wall_time_round_trips():
+    wall = time.time() + 3.0
+    d = Deadline.at_wall_time(wall)
+    assert abs(d.remaining() - 3.0) < 0.01
+
+
+def test_request_context_sets_a_new_or_given_id():
+    with agent.request_context() as scope:
+        assert scope.request_id and len(scope.request_id) == 32
+        assert context.current().request_id == scope.request_id
+    with agent.request_context(request_id="abc-123", deadline=2.0):
+        assert context.current().request_id == "abc-123"
+        assert 1.9 < agent.deadline_timeout() <= 2.0
+    assert context.current().request_id is None
+
+
+def test_request_context_keeps_an_earlier_enclosing_deadline():
+    with agent.deadline(0.5), agent.request_context(deadline=30):
+        assert agent.deadline_timeout() <= 0.5
+
+
+def test_metric_names_nest_and_keep_enclosing_names():
+    with agent.metric_names(view="outer", peer="users-api"):
+        with agent.metric_names(view="inner"):
+            scope = context.current()
+            assert (scope.view, scope.peer) == ("inner", "users-api")
+        assert context.current().view == "outer"
+    assert context.current().view is None
+
+
+def test_context_is_per_thread_unless_carried():
+    with agent.request_context(request_id="carried", deadline=5), ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(lambda: context.current().request_id).result()
+        ctx = contextvars.copy_context()
+        carried = pool.submit(ctx.run, lambda: context.current().request_id).result()
+    assert plain is None
+    assert carried == "carried"
+
+
+def test_context_follows_asyncio_tasks():
+    async def child() -> str | None:
+        await asyncio.sleep(0)
+        return context.current().request_id
+
+    async def main() -> str | None:
+        with agent.request_context(request_id="task-id"):
+            return await asyncio.create_task(child())
+
+    assert asyncio.run(main()) == "task-id"
+
+
+def test_request_ids_are_unique():
+    ids = {context.new_request_id() for _ in range(10000)}
+    assert len(ids) == 10000
