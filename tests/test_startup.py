@@ -1,0 +1,54 @@
+"""`import agent` is cheap: no target, no datadog, no wrapt, no heavy stdlib module."""
+
+from __future__ import annotations
+
+import json
+
+from tests.support.proc import check_python
+
+HEAVY = [
+    "urllib3",
+    "requests",
+    "psycopg2",
+    "flask",
+    "datadog",
+    "wrapt",
+    "typing",
+    "logging",
+    "re",
+    "threading",
+]
+
+
+def test_import_agent_imports_no_target_and_nothing_heavy():
+    out = check_python(
+        f"""
+        import sys
+        import agent
+        heavy = {HEAVY!r}
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
+        import json  # only now: json itself imports re
+        print(json.dumps(loaded))
+        """,
+        {"TALISKER_ENABLED": "true"},
+    )
+    assert json.loads(out) == []
+
+
+def test_the_targets_are_installed_for_this_check():
+    # The check above means something only if the targets could have been imported.
+    check_python("import urllib3, requests, psycopg2, flask, datadog, wrapt")
+
+
+def test_import_agent_never_raises_even_with_every_setting_bad():
+    env = {
+        "TALISKER_ENABLED": "perhaps",
+        "TALISKER_DISABLED_INSTRUMENTATIONS": "nope",
+        "DD_DOGSTATSD_URL": "ftp://x",
+        "DD_DOGSTATSD_PORT": "-1",
+        "TALISKER_REQUEST_TIMEOUT": "soon",
+        "TALISKER_LOG_LEVEL": "LOUD",
+        "TALISKER_METRICS_PREFIX": "!!",
+    }
+    out = check_python("import agent; print('ok')", env)
+    assert out.strip() == "ok"
