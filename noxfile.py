@@ -8,7 +8,7 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "compat", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 ALL_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
@@ -40,6 +40,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHONS[-1:])
+@nox.parametrize("libraries", ["urllib3<2 requests~=2.28.0", "urllib3>=2 requests"])
+def compat(session: nox.Session, libraries: str) -> None:
+    """The suite on the oldest and newest supported urllib3 and requests."""
+    session.install("-e", ".[test]")
+    session.install(*libraries.split())
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1:])
 def lint(session: nox.Session) -> None:
     """ruff check and format check."""
     session.install("ruff")
@@ -65,5 +74,5 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark scripts: each prints its figures and ratios."""
     session.install("-e", ".[test]")
-    for script in ("startup.py", "metric_call.py"):
+    for script in ("startup.py", "metric_call.py", "http_overhead.py"):
         session.run("python", f"benchmarks/{script}")

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from agent.config import Config
+    from agent.naming import register_endpoint_name
+    from agent.sessions import get_session
 
 __all__ = [
     "DeadlineExceeded",
@@ -29,8 +31,10 @@ __all__ = [
     "deadline",
     "deadline_timeout",
     "flush",
+    "get_session",
     "install",
     "metric_names",
+    "register_endpoint_name",
     "request_context",
     "uninstall",
 ]
@@ -46,7 +50,7 @@ def install(config: Config | None = None) -> bool:
     """
     try:
         from agent import config as config_module
-        from agent import metrics, registry
+        from agent import metrics, naming, registry
 
         cfg = config if config is not None else config_module.load()
         with registry._lock:
@@ -54,6 +58,7 @@ def install(config: Config | None = None) -> bool:
                 _uninstall_locked()
                 return False
             config_module.current = cfg
+            naming.reset()
             metrics.configure(cfg)
             registry.install(cfg)
         return True
@@ -99,8 +104,21 @@ def flush(timeout: float = 2.0) -> bool:
     return metrics.flush(timeout)
 
 
+_LAZY = {
+    "get_session": ("agent.sessions", "get_session"),
+    "register_endpoint_name": ("agent.naming", "register_endpoint_name"),
+}
+
+
 def __getattr__(name: str) -> Any:
     # Heavier parts of the API load on first use, keeping `import agent` cheap.
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        import importlib
+
+        value = getattr(importlib.import_module(module_name), attr)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'agent' has no attribute {name!r}")
 
 

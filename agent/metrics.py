@@ -29,19 +29,25 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     import threading
     from collections import deque
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from typing import Any
 
     from agent._sender import Batch, Sender
     from agent.config import Config
 
     Tags = tuple[tuple[str, Any], ...]
+    Record = tuple[int, str, float, Tags]
 else:
     from _collections import deque  # `collections` itself costs ~2 ms to import
 
 __all__ = ["configure", "count", "flush", "gauge", "timing"]
 
 COUNT, GAUGE, TIMING = 0, 1, 2
+#: A record the metrics thread expands: ``(EXPAND, expand, payload, ())``. Once
+#: per flush, ``expand(payloads)`` gets every payload recorded with it and returns
+#: ``(kind, name, value, tags)`` records (a timing's value may be a list of
+#: samples). Lets a hot path hand over one tuple and leave tags to the background.
+EXPAND = 3
 
 #: Most metric records waiting for the background thread; past it the oldest
 #: are dropped, so a stuck destination cannot grow memory without bound.
@@ -66,6 +72,19 @@ def record(kind: int, name: str, value: float, tags: Tags = ()) -> None:
         if p.thread is None:
             p.start()
         p.queue.append((kind, name, value, tags))
+
+
+def record_deferred(expand: Callable[[list[Any]], Iterable[Record]], payload: Any) -> None:
+    """Record ``payload``; the metrics thread turns it into metrics with ``expand``.
+
+    ``expand`` runs in the background thread, once per flush with all the
+    payloads recorded for it; what it raises is logged once and they are dropped.
+    """
+    p = _pipeline
+    if p is not None:
+        if p.thread is None:
+            p.start()
+        p.queue.append((EXPAND, expand, payload, ()))  # type: ignore[arg-type]
 
 
 def count(name: str, value: float = 1, tags: Tags = ()) -> None:
@@ -249,25 +268,72 @@ class Pipeline:
             pass
         return items
 
-    def aggregate(self, items: Iterable[tuple[int, str, float, Tags]]) -> Batch:
-        """Sum counts, keep last gauges, collect timing samples, per sanitised context."""
+    def aggregate(self, items: Iterable[tuple[int, Any, Any, Tags]]) -> Batch:
+        """Sum counts, keep last gauges, collect timing samples, per sanitised context.
+
+        Aggregates on the raw ``(name, tags)`` first (one hash per record), then
+        resolves each distinct raw context once.
+        """
         from agent._sender import Batch
+
+        counts: dict[tuple[str, Tags], float] = {}
+        gauges: dict[tuple[str, Tags], float] = {}
+        timings: dict[tuple[str, Tags], list[float]] = {}
+        deferred: dict[Any, list[Any]] = {}
+        for kind, name, value, tags in items:
+            if kind == EXPAND:
+                payloads = deferred.get(name)
+                if payloads is None:
+                    deferred[name] = [value]
+                else:
+                    payloads.append(value)
+                continue
+            self._add(counts, gauges, timings, kind, name, value, tags)
+        for expand, payloads in deferred.items():
+            try:
+                for kind, name, value, tags in expand(payloads):
+                    self._add(counts, gauges, timings, kind, name, value, tags)
+            except Exception:
+                _log.log_once("metrics-expand", "agent: a metric record failed", exc_info=True)
 
         batch = Batch()
         context = self.tags.context
-        for kind, name, value, tags in items:
-            key = context(name, tags)
-            if kind == COUNT:
-                batch.counts[key] = batch.counts.get(key, 0) + value
-            elif kind == TIMING:
-                samples = batch.timings.get(key)
-                if samples is None:
-                    batch.timings[key] = [value]
-                else:
-                    samples.append(value)
+        for raw, value in counts.items():
+            key = context(*raw)
+            batch.counts[key] = batch.counts.get(key, 0) + value
+        for raw, value in gauges.items():
+            batch.gauges[context(*raw)] = value
+        for raw, samples in timings.items():
+            key = context(*raw)
+            existing = batch.timings.get(key)
+            if existing is None:
+                batch.timings[key] = samples
             else:
-                batch.gauges[key] = value
+                existing.extend(samples)
         return batch
+
+    @staticmethod
+    def _add(
+        counts: dict[tuple[str, Tags], float],
+        gauges: dict[tuple[str, Tags], float],
+        timings: dict[tuple[str, Tags], list[float]],
+        kind: int,
+        name: str,
+        value: Any,
+        tags: Tags,
+    ) -> None:
+        raw = (name, tags)
+        if kind == COUNT:
+            counts[raw] = counts.get(raw, 0) + value
+        elif kind == TIMING:
+            many = value if type(value) is list else [value]
+            samples = timings.get(raw)
+            if samples is None:
+                timings[raw] = many
+            else:
+                samples.extend(many)
+        else:
+            gauges[raw] = value
 
 
 class TagRules:

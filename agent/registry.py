@@ -33,7 +33,10 @@ __all__ = ["TARGETS", "Patch", "install", "installed", "uninstall"]
 #: instrumentation name -> the modules whose import triggers it. Kept here, not
 #: read from the instrumentation modules, so that watching costs no import;
 #: tests check it against each module's ``PATCHES``.
-TARGETS: dict[str, tuple[str, ...]] = {}
+TARGETS: dict[str, tuple[str, ...]] = {
+    "urllib3": ("urllib3.connectionpool", "urllib3.poolmanager"),
+    "requests": ("requests.sessions",),
+}
 
 
 class Patch:

@@ -1,0 +1,137 @@
+"""requests: the outer record of a logical request, per-call names, requests-style deadline errors.
+
+``Session.send`` is the logical request (requests follows redirects by calling
+it again, nested: those are attempts). The urllib3 layer under it sees the
+call in flight and only does the per-attempt work: headers, timeouts, the
+deadline check. ``Session.request`` accepts talisker's per-call names,
+``metric_api_name=`` and ``metric_host_name=``, and pops them before requests
+sees them.
+
+Loaded by the registry when ``requests.sessions`` is imported.
+"""
+
+from __future__ import annotations
+
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import Timeout as RequestsTimeout
+
+from agent import _log, config, context, naming, outgoing
+from agent.registry import Patch
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+
+class DeadlineExceeded(context.DeadlineExceeded, RequestsTimeout):
+    """The deadline has passed; the request was not sent.
+
+    An ``agent.DeadlineExceeded`` (a built-in ``TimeoutError``) that is also a
+    ``requests.exceptions.Timeout``, so ``except requests.exceptions.Timeout``
+    handles it as it handles requests' own timeouts.
+    """
+
+
+def send_wrapper(
+    wrapped: Callable[..., Any], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``Session.send``: the record of the logical request."""
+    if config.current is None:
+        return wrapped(*args, **kwargs)
+    request = args[0] if args else kwargs.get("request")
+    call = outgoing.current_call()
+    if call is not None:  # a redirect, followed inside the outer send
+        _check_deadline(call, request)
+        try:
+            return wrapped(*args, **kwargs)
+        except RequestsConnectionError as exc:
+            deadline_error = _deadline_error(exc)
+            if deadline_error is not None:
+                raise deadline_error from exc
+            raise
+    try:
+        call = outgoing.begin(getattr(request, "method", None) or "GET")
+    except Exception:
+        _log.log_once("requests-begin", "agent: starting a requests record failed", exc_info=True)
+        return wrapped(*args, **kwargs)
+    token = outgoing.enter(call)
+    try:
+        _check_deadline(call, request)
+        response = wrapped(*args, **kwargs)
+    except Exception as exc:
+        deadline_error = _deadline_error(exc)
+        _finish(call, request, None, deadline_error or exc)
+        if deadline_error is not None:
+            raise deadline_error from exc
+        raise
+    finally:
+        outgoing.end(token)
+    _finish(call, request, response, None)
+    return response
+
+
+def request_wrapper(
+    wrapped: Callable[..., Any], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``Session.request``: pop ``metric_api_name`` / ``metric_host_name``."""
+    if "metric_api_name" not in kwargs and "metric_host_name" not in kwargs:
+        return wrapped(*args, **kwargs)
+    view = kwargs.pop("metric_api_name", None)
+    peer = kwargs.pop("metric_host_name", None)
+    with context.metric_names(view=view, peer=peer):
+        return wrapped(*args, **kwargs)
+
+
+def _check_deadline(call: outgoing.Call, request: Any) -> None:
+    deadline = call.deadline
+    if deadline is not None and deadline.expired():
+        if call.peer is None:
+            call.peer = _peer_from_url(getattr(request, "url", None))
+        raise DeadlineExceeded(
+            f"deadline exceeded {-deadline.remaining():.3f}s ago; request not sent"
+        )
+
+
+def _deadline_error(exc: BaseException) -> DeadlineExceeded | None:
+    """The requests-style error for a deadline that urllib3 saw pass (requests wraps it)."""
+    if isinstance(exc, DeadlineExceeded):
+        return None
+    inner = exc.args[0] if exc.args else None
+    if isinstance(exc, RequestsConnectionError) and isinstance(inner, context.DeadlineExceeded):
+        return DeadlineExceeded(str(inner))
+    return None
+
+
+def _peer_from_url(url: Any) -> str | None:
+    try:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(str(url))
+        if not parts.hostname:
+            return None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return naming.peer_name(parts.hostname, port)
+    except Exception:
+        return None
+
+
+def _finish(call: outgoing.Call, request: Any, response: Any, error: BaseException | None) -> None:
+    try:
+        status = view = None
+        if response is not None:
+            status = response.status_code
+            view = response.headers.get(outgoing.VIEW_HEADER)
+        elif call.peer is None:
+            call.peer = _peer_from_url(getattr(request, "url", None))
+        outgoing.finish(call, status, view, error)
+    except Exception:
+        _log.log_once("requests-record", "agent: recording a requests call failed", exc_info=True)
+
+
+PATCHES = (
+    Patch("requests.sessions", "Session.send", send_wrapper),
+    Patch("requests.sessions", "Session.request", request_wrapper),
+)
+
+__all__ = ["PATCHES", "DeadlineExceeded"]

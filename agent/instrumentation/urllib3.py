@@ -1,0 +1,262 @@
+"""urllib3 (1.26 and 2.x): request ids, deadlines as timeouts, one record per logical request.
+
+``HTTPConnectionPool.urlopen`` is every attempt: the pool's own retries and
+redirects re-enter it, and so do ``PoolManager``, ``ProxyManager``, HTTPS pools
+and requests' adapter. Each attempt checks the deadline, gets the headers and
+the timeouts cut to the time left. ``PoolManager.urlopen`` is wrapped too, as the
+outer record: it follows cross-pool redirects itself, so without it one call
+with a redirect would be recorded twice.
+
+Loaded by the registry when ``urllib3.connectionpool`` is imported.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
+from urllib3.util.timeout import Timeout
+
+from agent import _log, config, context, naming, outgoing
+from agent.registry import Patch
+
+try:  # 1.26 and 2.x both have it; the import keeps working if it moves
+    from urllib3._collections import HTTPHeaderDict as _HeaderDict
+
+    HTTPHeaderDict: Any = _HeaderDict
+except ImportError:  # pragma: no cover
+    HTTPHeaderDict = None
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from agent.config import Config
+
+_monotonic = time.monotonic
+_current_call = outgoing.current_call
+_current_scope = context.current
+_new_request_id = context.new_request_id
+_cached_peer = naming.cached
+_Call = outgoing.Call
+_enter = outgoing.enter
+_end = outgoing.end
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_HEADERS, _TIMEOUT = 3, 7  # positions in urlopen(method, url, body, headers, retries, ...)
+
+
+class DeadlineExceeded(context.DeadlineExceeded, Urllib3TimeoutError):
+    """The deadline has passed; the request was not sent.
+
+    An ``agent.DeadlineExceeded`` (hence a built-in ``TimeoutError``) that is
+    also a ``urllib3.exceptions.TimeoutError``, so code that handles urllib3's
+    timeouts handles it too.
+    """
+
+
+def _copy_headers(headers: Any) -> Any:
+    if HTTPHeaderDict is not None and isinstance(headers, HTTPHeaderDict):
+        return headers.copy()  # keeps repeated headers
+    return dict(headers.items())
+
+
+def urlopen_wrapper(
+    wrapped: Callable[..., Any], pool: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``HTTPConnectionPool.urlopen``: an attempt, and the record when outermost."""
+    cfg = config.current
+    if cfg is None:
+        return wrapped(*args, **kwargs)
+    call = _current_call()
+    if call is not None:
+        return _attempt(wrapped, pool, args, kwargs, cfg, call)
+    try:
+        scope = _current_scope()
+        method = args[0] if args else kwargs.get("method", "GET")
+        call = _Call(
+            scope.request_id or _new_request_id(),
+            scope.deadline,
+            method.upper(),
+            scope.view,
+            scope.peer,
+        )
+    except Exception:
+        _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
+        return wrapped(*args, **kwargs)
+    token = _enter(call)
+    try:
+        response = _attempt(wrapped, pool, args, kwargs, cfg, call)
+    except Exception as exc:
+        _finish(call, None, exc)
+        raise
+    finally:
+        _end(token)
+    _finish(call, response, None)
+    return response
+
+
+def poolmanager_wrapper(
+    wrapped: Callable[..., Any], manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``PoolManager.urlopen``: the record of a call that may cross pools."""
+    if config.current is None or _current_call() is not None:
+        return wrapped(*args, **kwargs)
+    try:
+        call = outgoing.begin(args[0] if args else kwargs.get("method", "GET"))
+    except Exception:
+        _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
+        return wrapped(*args, **kwargs)
+    token = _enter(call)
+    try:
+        response = wrapped(*args, **kwargs)
+    except Exception as exc:
+        if call.peer is None:
+            call.peer = _peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
+        _finish(call, None, exc)
+        raise
+    finally:
+        _end(token)
+    _finish(call, response, None)
+    return response
+
+
+def _attempt(
+    wrapped: Callable[..., Any],
+    pool: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    cfg: Config,
+    call: outgoing.Call,
+) -> Any:
+    """One attempt: check the deadline, add the headers, cut the timeouts, send."""
+    deadline = call.deadline
+    if call.peer is None:
+        call.peer = _cached_peer((pool.host, pool.port)) or _pool_peer(pool)
+    if deadline is not None:
+        left = deadline.expires - _monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; request not sent")
+    try:
+        call.attempts += 1
+        if len(args) > _HEADERS:
+            new_headers = outgoing.attempt_headers(args[_HEADERS], call, cfg, _copy_headers)
+            args = (*args[:_HEADERS], new_headers, *args[_HEADERS + 1 :])
+        else:
+            headers = kwargs.get("headers")
+            kwargs["headers"] = outgoing.attempt_headers(
+                pool.headers if headers is None else headers, call, cfg, _copy_headers
+            )
+        if deadline is not None:
+            if len(args) > _TIMEOUT:
+                cut = _cut_timeout(args[_TIMEOUT], pool, left, call)
+                args = (*args[:_TIMEOUT], cut, *args[_TIMEOUT + 1 :])
+            else:
+                kwargs["timeout"] = _cut_timeout(kwargs.get("timeout"), pool, left, call)
+    except Exception:
+        _log.log_once("urllib3-attempt", "agent: preparing a urllib3 request failed", exc_info=True)
+    return wrapped(*args, **kwargs)
+
+
+def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> Any:
+    """The caller's (or the pool's) timeout, with no part longer than the time left."""
+    total: Any
+    connect: Any
+    read: Any
+    if timeout is None or timeout.__class__ in (int, float):
+        total, connect, read = None, timeout, timeout
+    else:
+        if not isinstance(timeout, Timeout):  # urllib3's "not given" sentinel
+            timeout = pool.timeout
+            if not isinstance(timeout, Timeout):
+                return _cut_timeout(timeout, pool, left, call)
+        total, connect, read = timeout.total, timeout._connect, timeout._read
+        if connect is _SOCKET_DEFAULT:
+            connect = socket.getdefaulttimeout()
+        if read is _SOCKET_DEFAULT:
+            read = socket.getdefaulttimeout()
+        if total is _SOCKET_DEFAULT:
+            total = None
+    if connect is not None and read is not None and connect <= left and read <= left:
+        return timeout  # the caller's own timeouts already end before the deadline
+    call.deadline_bound = True
+    # `total` stays the caller's: urllib3 does measurably more work per request
+    # with one, and connect and read bounded by the time left bound the attempt.
+    return _make_timeout(
+        total,
+        left if connect is None or connect > left else connect,
+        left if read is None or read > left else read,
+    )
+
+
+_SOCKET_DEFAULT = Timeout.DEFAULT_TIMEOUT  # "use the socket module's default"
+
+
+def _make_timeout(total: float | None, connect: float, read: float) -> Any:
+    """A ``Timeout`` without its argument validation (the values are ours and valid)."""
+    timeout = _new_timeout(Timeout)
+    timeout._connect = connect
+    timeout._read = read
+    timeout.total = total
+    timeout._start_connect = None
+    return timeout
+
+
+def _validated_timeout(total: float | None, connect: float, read: float) -> Any:
+    return Timeout(total=total, connect=connect, read=read)
+
+
+_new_timeout = object.__new__
+# Fall back to the public constructor if this urllib3 keeps other state in a Timeout.
+if vars(Timeout(total=1.0, connect=2.0, read=3.0)) != vars(_make_timeout(1.0, 2.0, 3.0)):
+    _make_timeout = _validated_timeout  # pragma: no cover
+
+
+def _pool_peer(pool: Any) -> str:
+    port = pool.port or _DEFAULT_PORTS.get(getattr(pool, "scheme", "http"))
+    return naming.peer_name(pool.host or "unknown", port)
+
+
+def _peer_from_url(url: Any) -> str | None:
+    try:
+        from urllib3.util.url import parse_url
+
+        parsed = parse_url(str(url))
+        if not parsed.host:
+            return None
+        return naming.peer_name(
+            parsed.host, parsed.port or _DEFAULT_PORTS.get(parsed.scheme or "http")
+        )
+    except Exception:
+        return None
+
+
+def _view_header(headers: Any) -> str | None:
+    container = getattr(headers, "_container", None)  # HTTPHeaderDict's lower-cased store
+    if type(container) is dict:
+        item = container.get("x-view-name")
+        return item[-1] if item else None
+    value: str | None = headers.get(outgoing.VIEW_HEADER)
+    return value
+
+
+def _finish(call: outgoing.Call, response: Any, error: BaseException | None) -> None:
+    try:
+        status = view = None
+        if response is not None:
+            status = response.status
+            if call.view is None:
+                view = _view_header(response.headers)
+        outgoing.finish(call, status, view, error)
+    except Exception:
+        _log.log_once("urllib3-record", "agent: recording a urllib3 request failed", exc_info=True)
+
+
+PATCHES = (
+    Patch("urllib3.connectionpool", "HTTPConnectionPool.urlopen", urlopen_wrapper),
+    Patch("urllib3.poolmanager", "PoolManager.urlopen", poolmanager_wrapper),
+)
+
+__all__ = ["PATCHES", "DeadlineExceeded", "HTTPConnectionPool"]

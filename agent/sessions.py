@@ -1,0 +1,42 @@
+"""``agent.get_session()``: one requests session per class, per thread and per process."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from typing import Any
+
+_local = threading.local()
+
+
+def get_session(cls: type | None = None) -> Any:
+    """The calling thread's session of ``cls`` (default ``requests.Session``).
+
+    Sessions keep connections alive, so reusing one per thread is much cheaper
+    than a new one per call; they are not shared between threads, which
+    requests does not promise to be safe. A forked child gets fresh sessions:
+    connections cannot be shared with the parent.
+    """
+    if cls is None:
+        import requests
+
+        cls = requests.Session
+    sessions: dict[type, Any] | None = getattr(_local, "sessions", None)
+    if sessions is None:
+        sessions = _local.sessions = {}
+    session = sessions.get(cls)
+    if session is None:
+        session = sessions[cls] = cls()
+    return session
+
+
+def _after_fork_in_child() -> None:
+    global _local
+    _local = threading.local()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

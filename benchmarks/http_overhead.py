@@ -1,0 +1,169 @@
+"""Per-request overhead of the HTTP instrumentation, urllib3 and requests.
+
+Keep-alive GETs against a fast loopback server running in its own process.
+Uninstrumented and fully instrumented rounds alternate in one run (the agent is
+installed and uninstalled between rounds): instrumented means a request
+context and a deadline are active, and metrics go to a live DogStatsD receiver
+in its own process. Prints the median µs per request of each and the ratio:
+the median, over the rounds, of instrumented/raw for adjacent rounds (on a
+noisy host, pairs taken close in time cancel the drift that separate medians
+would carry).
+
+A third column, "by hand", is the uninstrumented client sending what the agent
+makes it send (the two headers, connect and read timeouts): the part of the
+overhead that is the cost of the headers and socket timeouts themselves in
+urllib3 and http.client, which any implementation of the feature pays.
+
+Targets: urllib3 at most 1.05x raw, requests at most 1.03x raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["TALISKER_ENABLED"] = "false"  # installed explicitly, round by round
+
+import agent  # noqa: E402
+from agent import config  # noqa: E402
+
+# A fast server: a thread per keep-alive connection answering each request head with
+# a canned response. It parses nothing, so the header bytes the agent adds cost the
+# server nothing and what is measured is the client's (the application's) cost.
+SERVER = textwrap.dedent(
+    """
+    import os, socket, threading
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {1})
+    RESPONSE = (b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nX-View-Name: bench\\r\\n"
+                b"Content-Type: text/plain\\r\\n\\r\\nok")
+    def serve(conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return conn.close()
+            buf += data
+            while b"\\r\\n\\r\\n" in buf:
+                _, buf = buf.split(b"\\r\\n\\r\\n", 1)
+                conn.sendall(RESPONSE)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    """
+)
+
+RECEIVER = textwrap.dedent(
+    """
+    import os, socket
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {1})
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1], flush=True)
+    while True:
+        s.recv(65535)
+    """
+)
+
+TARGETS = {"urllib3": 1.05, "requests": 1.03}
+
+
+def start(code: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def run_round(do_request, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        do_request()
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=500, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per mode")
+    opts = parser.parse_args()
+
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
+    server, port = start(SERVER)
+    receiver, statsd_port = start(RECEIVER)
+    cfg = config.load({"DD_DOGSTATSD_URL": f"udp://127.0.0.1:{statsd_port}"})
+    try:
+        import requests
+        import urllib3
+
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1)
+        session = requests.Session()
+        url = f"http://127.0.0.1:{port}/"
+        headers = {
+            "X-Request-Id": "0123456789abcdef0123456789abcdef",
+            "X-Request-Deadline": "2026-11-21T05:12:33.123Z",
+        }
+        timeout = urllib3.Timeout(connect=3600, read=3600)
+        clients = {
+            "urllib3": (
+                lambda: pool.urlopen("GET", "/").data,
+                lambda: pool.urlopen("GET", "/", headers=headers, timeout=timeout).data,
+            ),
+            "requests": (
+                lambda: session.get(url).content,
+                lambda: session.get(url, headers=headers, timeout=(3600, 3600)).content,
+            ),
+        }
+        print(
+            f"{'client':<10} {'raw µs':>8} {'by hand':>8} {'agent µs':>9} {'added':>7} "
+            f"{'ratio':>6} {'target':>7} {'vs hand':>8}"
+        )
+        for name, (do_request, by_hand) in clients.items():
+            for _ in range(200):  # warm up connections and caches
+                do_request()
+            raw: list[float] = []
+            hand: list[float] = []
+            instrumented: list[float] = []
+            for _ in range(opts.rounds):
+                agent.uninstall()
+                raw.append(run_round(do_request, opts.requests))
+                hand.append(run_round(by_hand, opts.requests))
+                agent.install(cfg)
+                with agent.request_context(deadline=3600):
+                    instrumented.append(run_round(do_request, opts.requests))
+                agent.flush(5)
+            agent.uninstall()
+            r, h, i = (
+                statistics.median(raw),
+                statistics.median(hand),
+                statistics.median(instrumented),
+            )
+            ratio = statistics.median(b / a for a, b in zip(raw, instrumented, strict=True))
+            vs_hand = statistics.median(b / a for a, b in zip(hand, instrumented, strict=True))
+            print(
+                f"{name:<10} {r:>8.1f} {h:>8.1f} {i:>9.1f} {i - r:>+7.1f} {ratio:>6.3f} "
+                f"{TARGETS[name]:>6.2f}x {vs_hand:>8.3f}"
+                + ("" if ratio <= TARGETS[name] else "  over target")
+            )
+    finally:
+        server.kill()
+        receiver.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Outgoing HTTP through urllib3 and requests: ids, deadlines, timeouts, metrics.
+
+Real loopback servers, a real DogStatsD receiver with a strict parser.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+import agent
+from tests.support.http import UnacceptingServer, closed_port
+
+COUNT = "talisker.requests.count"
+ERRORS = "talisker.requests.errors"
+LATENCY = "talisker.requests.latency"
+RETRIES = "talisker.requests.retries"
+
+
+def sent(statsd) -> None:
+    assert agent.flush(5)
+    time.sleep(0.05)
+
+
+# -- headers -------------------------------------------------------------------
+
+
+def test_request_id_and_deadline_headers_are_sent(install_agent, statsd, http_server):
+    install_agent()
+    with agent.request_context(request_id="abc-123", deadline=5):
+        requests.get(http_server.url + "/a")
+        urllib3.PoolManager().request("GET", http_server.url + "/b")
+    for recorded in http_server.requests:
+        assert recorded.header("X-Request-Id") == "abc-123"
+        deadline = recorded.header("X-Request-Deadline")
+        assert deadline is not None and deadline.endswith("Z") and len(deadline) == 24
+
+
+def test_outside_a_request_each_logical_request_gets_a_new_id(install_agent, http_server):
+    install_agent()
+    requests.get(http_server.url + "/one")
+    requests.get(http_server.url + "/two")
+    ids = [r.header("X-Request-Id") for r in http_server.requests]
+    assert all(ids) and ids[0] != ids[1]
+    assert all(r.header("X-Request-Deadline") is None for r in http_server.requests)
+
+
+def test_every_attempt_carries_the_same_id_and_the_deadline(install_agent, statsd, http_server):
+    install_agent()
+    pool = urllib3.PoolManager()
+    with agent.deadline(10):
+        pool.request(
+            "GET", http_server.url + "/flaky/attempts/2", retries=Retry(3, status_forcelist=[503])
+        )
+        requests.get(http_server.url + "/redirect/2")
+    flaky = [r for r in http_server.requests if r.path.startswith("/flaky")]
+    redirects = [r for r in http_server.requests if r.path.startswith("/redirect")]
+    assert len(flaky) == 3 and len(redirects) == 3
+    for attempts in (flaky, redirects):
+        assert len({r.header("X-Request-Id") for r in attempts}) == 1
+        assert all(r.header("X-Request-Deadline") for r in attempts)
+
+
+def test_headers_the_caller_set_are_never_overwritten(install_agent, http_server):
+    install_agent()
+    with agent.request_context(request_id="ours", deadline=5):
+        requests.get(
+            http_server.url,
+            headers={"x-request-id": "theirs", "X-REQUEST-DEADLINE": "2030-01-01T00:00:00.000Z"},
+        )
+        urllib3.PoolManager().request("GET", http_server.url, headers={"X-Request-Id": "theirs2"})
+    first, second = http_server.requests
+    assert first.header("x-request-id") == "theirs"
+    assert first.header("x-request-deadline") == "2030-01-01T00:00:00.000Z"
+    assert second.header("x-request-id") == "theirs2"
+
+
+def test_the_callers_dict_and_the_pools_headers_are_not_mutated(install_agent, http_server):
+    install_agent()
+    mine = {"Accept": "text/plain"}
+    pool_headers = {"User-Agent": "pool-agent"}
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port, headers=pool_headers)
+    session = requests.Session()
+    with agent.deadline(5):
+        pool.urlopen("GET", "/x", headers=mine)
+        pool.urlopen("GET", "/y")
+        urllib3.PoolManager().request("GET", http_server.url + "/redirect/1", headers=mine)
+        session.get(http_server.url + "/z", headers=mine)
+    assert mine == {"Accept": "text/plain"}
+    assert pool_headers == {"User-Agent": "pool-agent"}
+    assert dict(pool.headers) == {"User-Agent": "pool-agent"}
+    assert "X-Request-Id" not in session.headers
+    assert all(r.header("X-Request-Id") for r in http_server.requests)
+    assert http_server.requests[1].header("User-Agent") == "pool-agent"
+
+
+def test_header_names_are_configurable(install_agent, http_server):
+    install_agent(TALISKER_ID_HEADER="X-Correlation-Id", TALISKER_DEADLINE_HEADER="X-Deadline")
+    with agent.request_context(request_id="corr", deadline=5):
+        requests.get(http_server.url)
+    (recorded,) = http_server.requests
+    assert recorded.header("X-Correlation-Id") == "corr"
+    assert recorded.header("X-Deadline")
+    assert recorded.header("X-Request-Id") is None
+
+
+# -- counting ------------------------------------------------------------------
+
+
+def test_each_logical_request_is_counted_once(install_agent, statsd, http_server):
+    install_agent()
+    session = requests.Session()
+    for _ in range(2):
+        session.get(http_server.url + "/s")
+    requests.get(http_server.url + "/redirect/2")  # one logical request, three attempts
+    urllib3.PoolManager().request("GET", http_server.url + "/redirect/1")
+    urllib3.HTTPConnectionPool("127.0.0.1", http_server.port).urlopen("GET", "/p")
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 5) == 5
+    assert statsd.total(RETRIES) == 3
+    assert len(statsd.samples(LATENCY)) == 5
+
+
+def test_retries_are_attempts_not_requests(install_agent, statsd, http_server):
+    install_agent()
+    pool = urllib3.PoolManager()
+    response = pool.request(
+        "GET", http_server.url + "/flaky/u3/2", retries=Retry(3, status_forcelist=[503])
+    )
+    assert response.status == 200
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(3, status_forcelist=[503])))
+    assert session.get(http_server.url + "/flaky/rq/2").status_code == 200
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 2) == 2
+    assert statsd.total(RETRIES) == 4  # two extra attempts each
+    assert statsd.total(COUNT, status="200") == 2
+    assert statsd.total(ERRORS) == 0
+
+
+def test_status_view_peer_and_method_tags(install_agent, statsd, http_server):
+    install_agent()
+    requests.post(http_server.url + "/view/users.show", data=b"x")
+    requests.get(http_server.url + "/status/404")
+    sent(statsd)
+    peer = http_server.netloc
+    assert statsd.wait_total(COUNT, 1, view="users.show", method="POST", status="200", peer=peer)
+    assert statsd.total(COUNT, view="unknown", method="GET", status="404") == 1
+    assert statsd.total(ERRORS) == 0  # a 4xx is not an error
+
+
+def test_per_call_names_override_the_response(install_agent, statsd, http_server):
+    install_agent()
+    requests.get(
+        http_server.url + "/view/remote", metric_api_name="api.call", metric_host_name="users-api"
+    )
+    with agent.metric_names(view="scoped", peer="scoped-peer"):
+        urllib3.PoolManager().request("GET", http_server.url + "/view/remote")
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 1, view="api.call", peer="users-api") == 1
+    assert statsd.total(COUNT, view="scoped", peer="scoped-peer") == 1
+
+
+def test_registered_endpoint_names(install_agent, statsd, http_server):
+    install_agent(TALISKER_ENDPOINT_NAMES=f"{http_server.netloc}=from-env")
+    requests.get(http_server.url)
+    agent.register_endpoint_name(http_server.netloc, "from-code")
+    requests.get(http_server.url)
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 1, peer="from-env") == 1
+    assert statsd.wait_total(COUNT, 1, peer="from-code") == 1
+    from agent import naming
+
+    naming._registered.clear()
+    naming.reset()
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def test_http_5xx_is_an_error_with_its_status(install_agent, statsd, http_server):
+    install_agent()
+    requests.get(http_server.url + "/status/503")
+    urllib3.PoolManager().request("GET", http_server.url + "/status/500")
+    sent(statsd)
+    assert statsd.wait_total(ERRORS, 1, type="http", code="503") == 1
+    assert statsd.wait_total(ERRORS, 1, type="http", code="500") == 1
+
+
+def error_of(statsd, **tags):
+    sent(statsd)
+    statsd.wait_for(lambda: statsd.total(ERRORS) >= 1, 3)
+    (metric,) = statsd.find(ERRORS)
+    return metric.tag("type"), metric.tag("code")
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_connection_refused(install_agent, statsd, client):
+    install_agent()
+    url = f"http://127.0.0.1:{closed_port()}/"
+    with pytest.raises(
+        requests.ConnectionError if client == "requests" else urllib3.exceptions.HTTPError
+    ):
+        if client == "requests":
+            requests.get(url)
+        else:
+            urllib3.PoolManager().request("GET", url, retries=False)
+    assert error_of(statsd) == ("connection", "ECONNREFUSED")
+    assert statsd.total(COUNT, status="error") == 1
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_connection_reset(install_agent, statsd, http_server, client):
+    install_agent()
+    with pytest.raises((requests.ConnectionError, urllib3.exceptions.ProtocolError)):
+        if client == "requests":
+            requests.get(http_server.url + "/reset")
+        else:
+            urllib3.PoolManager().request("GET", http_server.url + "/reset", retries=False)
+    assert error_of(statsd) == ("connection", "ECONNRESET")
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_name_resolution_failure(install_agent, statsd, client):
+    install_agent()
+    url = "http://does-not-resolve.invalid:8080/"
+    with pytest.raises((requests.ConnectionError, urllib3.exceptions.HTTPError)):
+        if client == "requests":
+            requests.get(url)
+        else:
+            urllib3.PoolManager().request("GET", url, retries=False)
+    kind, code = error_of(statsd)
+    assert kind == "connection" and code in ("EAI_NONAME", "EAI_AGAIN")
+    assert statsd.find(COUNT)[0].tag("peer") == "does-not-resolve.invalid:8080"
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_tls_failure(install_agent, statsd, http_server, client):
+    install_agent()
+    url = f"https://127.0.0.1:{http_server.port}/"  # the server speaks plain HTTP
+    with pytest.raises((requests.exceptions.SSLError, urllib3.exceptions.HTTPError)):
+        if client == "requests":
+            requests.get(url)
+        else:
+            urllib3.PoolManager().request("GET", url, retries=False)
+    assert error_of(statsd) == ("connection", "ssl")
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_connect_timeout(install_agent, statsd, client):
+    install_agent()
+    server = UnacceptingServer()
+    try:
+        with pytest.raises((requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
+            if client == "requests":
+                requests.get(server.url, timeout=(0.2, 5))
+            else:
+                urllib3.PoolManager().request(
+                    "GET", server.url, timeout=urllib3.Timeout(connect=0.2), retries=False
+                )
+    finally:
+        server.close()
+    assert error_of(statsd) == ("timeout", "timeout")
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_read_timeout(install_agent, statsd, http_server, client):
+    install_agent()
+    with pytest.raises((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+        if client == "requests":
+            requests.get(http_server.url + "/delay/1", timeout=0.2)
+        else:
+            urllib3.PoolManager().request(
+                "GET", http_server.url + "/delay/1", timeout=0.2, retries=False
+            )
+    assert error_of(statsd) == ("timeout", "timeout")
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3"])
+def test_a_slow_endpoint_fails_at_the_deadline(install_agent, statsd, http_server, client):
+    install_agent()
+    start = time.monotonic()
+    with agent.deadline(0.3), pytest.raises((requests.Timeout, urllib3.exceptions.TimeoutError)):
+        if client == "requests":
+            requests.get(http_server.url + "/delay/2")
+        else:
+            urllib3.PoolManager().request("GET", http_server.url + "/delay/2", retries=False)
+    assert time.monotonic() - start < 0.6
+    assert error_of(statsd) == ("deadline", "deadline")
+
+
+def test_the_deadline_bounds_the_callers_longer_timeout(install_agent, http_server):
+    install_agent()
+    start = time.monotonic()
+    with agent.deadline(0.3), pytest.raises(requests.ReadTimeout):
+        requests.get(http_server.url + "/delay/2", timeout=(10, 10))
+    assert time.monotonic() - start < 0.6
+
+
+def test_a_shorter_caller_timeout_still_wins(install_agent, statsd, http_server):
+    install_agent()
+    start = time.monotonic()
+    with agent.deadline(10), pytest.raises(requests.ReadTimeout):
+        requests.get(http_server.url + "/delay/2", timeout=0.2)
+    assert time.monotonic() - start < 0.6
+    assert error_of(statsd) == ("timeout", "timeout")
+
+
+def test_an_expired_deadline_sends_nothing_and_raises(install_agent, statsd, http_server):
+    install_agent()
+    with agent.deadline(0.01):
+        time.sleep(0.02)
+        with pytest.raises(requests.exceptions.Timeout) as caught:
+            requests.get(http_server.url + "/never")
+        assert isinstance(caught.value, TimeoutError)
+        assert isinstance(caught.value, agent.DeadlineExceeded)
+        with pytest.raises(TimeoutError):
+            requests.post(http_server.url + "/never", data=b"body")
+        with pytest.raises(urllib3.exceptions.TimeoutError) as caught3:
+            urllib3.PoolManager().request("GET", http_server.url + "/never")
+        assert isinstance(caught3.value, agent.DeadlineExceeded)
+    assert http_server.requests == []
+    sent(statsd)
+    assert statsd.wait_total(ERRORS, 3, type="deadline", code="deadline") == 3
+    assert statsd.total(COUNT, peer=http_server.netloc) == 3
+
+
+def test_the_deadline_is_checked_before_each_retry(install_agent, statsd, http_server):
+    install_agent()
+    pool = urllib3.PoolManager()
+    retry = Retry(10, status_forcelist=[503], backoff_factor=0.2)
+    start = time.monotonic()
+    with agent.deadline(0.5), pytest.raises(agent.DeadlineExceeded):
+        pool.request("GET", http_server.url + "/flaky/backoff/100", retries=retry)
+    assert time.monotonic() - start < 1.5
+    assert len(http_server.requests) < 10
+
+
+# -- what the application sees -------------------------------------------------
+
+
+def test_responses_and_exceptions_are_unchanged(install_agent, http_server):
+    def observe() -> list[object]:
+        seen: list[object] = []
+        r = requests.get(http_server.url + "/view/v", headers={"A": "1"})
+        seen.append((r.status_code, r.text, r.headers.get("X-View-Name")))
+        u = urllib3.PoolManager().request("GET", http_server.url + "/status/503")
+        seen.append((u.status, u.data))
+        for call in (
+            lambda: requests.get(f"http://127.0.0.1:{closed_port()}/"),
+            lambda: requests.get(http_server.url + "/delay/1", timeout=0.1),
+            lambda: urllib3.PoolManager().request(
+                "GET", f"http://127.0.0.1:{closed_port()}/", retries=False
+            ),
+        ):
+            try:
+                call()
+            except Exception as exc:
+                seen.append(type(exc))
+        return seen
+
+    without = observe()
+    install_agent()
+    with agent.request_context():
+        with_agent = observe()
+    assert with_agent == without
+
+
+def test_hostile_view_names_cannot_corrupt_datagrams_or_grow_tags(
+    install_agent, statsd, http_server
+):
+    install_agent(TALISKER_METRICS_MAX_TAG_VALUES="50")
+    from tests.support.http import Route
+
+    session = requests.Session()
+    for i in range(10_000):
+        http_server.routes["/hostile"] = Route(headers={"X-View-Name": f"a|b,c#d {i}"})
+        session.get(http_server.url + "/hostile")
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 10_000, timeout=10) == 10_000
+    views = {m.tag("view") for m in statsd.find(COUNT)}
+    assert len(views) == 51 and "other" in views
+    assert all("|" not in v and "," not in v and "#" not in v for v in views)
+    assert not statsd.errors
+
+
+def test_user_info_and_query_strings_never_reach_a_datagram(install_agent, statsd, http_server):
+    install_agent()
+    base = f"http://alice:s3cr3t-XYZ@127.0.0.1:{http_server.port}"
+    requests.get(base + "/private/path?token=abc123secret")
+    urllib3.PoolManager().request("GET", base + "/private/path?token=abc123secret")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://alice:s3cr3t-XYZ@127.0.0.1:{closed_port()}/p?token=abc123secret")
+    sent(statsd)
+    statsd.wait_for(lambda: statsd.total(COUNT) >= 3)
+    text = statsd.raw_text()
+    for secret in ("s3cr3t", "alice", "abc123secret", "token", "private"):
+        assert secret not in text
+
+
+def test_uninstall_stops_everything(install_agent, statsd, http_server):
+    install_agent()
+    agent.uninstall()
+    requests.get(http_server.url)
+    urllib3.PoolManager().request("GET", http_server.url)
+    assert all(r.header("X-Request-Id") is None for r in http_server.requests)
+    assert not statsd.wait_for(lambda: bool(statsd.datagrams), 0.5)
+
+
+# -- threads -------------------------------------------------------------------
+
+
+def test_sixteen_threads_through_get_session_count_exactly(install_agent, statsd, http_server):
+    install_agent()
+    sessions: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            session = agent.get_session()
+            sessions[n] = session
+            for _ in range(500):
+                session.get(http_server.url + "/t")
+                assert agent.get_session() is session
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({id(s) for s in sessions.values()}) == 16
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 8000, timeout=10) == 8000
+    assert len(http_server.requests) == 8000
+
+
+def test_get_session_of_another_class():
+    class MySession(requests.Session):
+        pass
+
+    mine = agent.get_session(MySession)
+    assert isinstance(mine, MySession)
+    assert agent.get_session(MySession) is mine
+    assert agent.get_session() is not mine

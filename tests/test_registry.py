@@ -1,0 +1,182 @@
+"""The patch registry, in subprocesses, for every import order (ddtrace's patch matrix)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import textwrap
+
+import pytest
+
+from agent import registry
+from tests.support.proc import check_python, run_python
+
+# Where each instrumentation's patches live, and how to read the current object.
+TARGETS = {
+    "urllib3": [
+        ("urllib3.connectionpool", "HTTPConnectionPool", "urlopen"),
+        ("urllib3.poolmanager", "PoolManager", "urlopen"),
+    ],
+    "requests": [
+        ("requests.sessions", "Session", "send"),
+        ("requests.sessions", "Session", "request"),
+    ],
+}
+
+# A snippet that prints, as JSON, for each patch point: whether it is ours and
+# whether it is the original object (by identity, compared with `originals`).
+STATE = """
+import json, sys
+def current():
+    out = {}
+    for name, points in TARGETS.items():
+        for module, owner, attr in points:
+            mod = sys.modules.get(module)
+            if mod is None:
+                continue
+            out[f"{module}:{owner}.{attr}"] = vars(getattr(mod, owner))[attr]
+    return out
+def report(originals):
+    from agent import registry
+    ours = registry.wrapper_class() if registry._wrapper_class else ()
+    state = {}
+    for key, obj in current().items():
+        state[key] = {
+            "ours": bool(ours) and isinstance(obj, ours),
+            "original": obj is originals.get(key),
+            "layers": 1 + (isinstance(getattr(obj, "__wrapped__", None), ours) if ours else 0),
+        }
+    return state
+"""
+
+
+ENV = {"TALISKER_ENABLED": "true", "TALISKER_METRICS_ENABLED": "false"}
+
+
+def program(body: str) -> str:
+    return f"TARGETS = {TARGETS!r}\n{STATE}\n{textwrap.dedent(body)}"
+
+
+def run(body: str, env: dict[str, str] | None = None) -> dict:
+    out = check_python(program(body), {**ENV, **(env or {})})
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def all_points(state: dict, **expected: bool) -> None:
+    assert state, "nothing was imported"
+    for key, value in state.items():
+        for field, want in expected.items():
+            assert value[field] == want, (key, value)
+
+
+@pytest.mark.parametrize("target", ["urllib3", "requests"])
+def test_target_imported_before_the_agent(target):
+    state = run(
+        f"""
+        import {target}
+        originals = current()
+        import agent
+        patched = report(originals)
+        agent.uninstall()
+        restored = report(originals)
+        agent.install()
+        again = report(originals)
+        print(json.dumps([patched, restored, again]))
+        """
+    )
+    patched, restored, again = state
+    all_points(patched, ours=True, original=False, layers=1)
+    all_points(restored, ours=False, original=True)
+    all_points(again, ours=True, original=False, layers=1)
+
+
+@pytest.mark.parametrize("target", ["urllib3", "requests"])
+def test_target_imported_after_the_agent(target):
+    state = run(
+        f"""
+        import agent
+        import {target}
+        patched = report({{}})
+        print(json.dumps(patched))
+        """
+    )
+    all_points(state, ours=True, layers=1)
+    expected = {f"{m}:{o}.{a}" for m, o, a in TARGETS[target]}
+    assert expected <= set(state)
+
+
+def test_install_twice_wraps_once_and_uninstall_restores_originals():
+    state = run(
+        """
+import agent
+agent.uninstall()
+import urllib3, requests
+originals = current()
+agent.install()
+agent.install()
+twice = report(originals)
+agent.uninstall()
+agent.uninstall()
+restored = report(originals)
+print(json.dumps([twice, restored]))
+"""
+    )
+    twice, restored = state
+    all_points(twice, ours=True, layers=1)
+    all_points(restored, ours=False, original=True)
+
+
+def test_disabled_by_the_master_switch():
+    state = run(
+        "import agent, urllib3, requests\nprint(json.dumps(report({})))",
+        {"TALISKER_ENABLED": "false"},
+    )
+    all_points(state, ours=False)
+
+
+def test_one_instrumentation_disabled():
+    state = run(
+        "import agent, urllib3, requests\nprint(json.dumps(report({})))",
+        {"TALISKER_DISABLED_INSTRUMENTATIONS": "requests"},
+    )
+    assert state["requests.sessions:Session.send"]["ours"] is False
+    assert state["urllib3.connectionpool:HTTPConnectionPool.urlopen"]["ours"] is True
+
+
+def test_a_failing_patch_is_logged_once_and_the_others_go_in():
+    proc = run_python(
+        program(
+            """
+            import agent
+            import urllib3
+            from agent.registry import Patch
+            import agent.instrumentation.urllib3 as inst
+            point = "HTTPConnectionPool.no_such_method"
+            bad = Patch("urllib3.connectionpool", point, inst.urlopen_wrapper)
+            inst.PATCHES = (bad, *inst.PATCHES)
+            agent.uninstall()
+            agent.install()
+            print(json.dumps(report({})))
+            """
+        ),
+        ENV,
+    )
+    assert proc.returncode == 0, proc.stderr
+    state = json.loads(proc.stdout.splitlines()[-1])
+    all_points(state, ours=True)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("agent:")]
+    assert len(warnings) == 1 and "no_such_method" in warnings[0]
+
+
+def test_the_registry_table_matches_what_each_instrumentation_patches():
+    for name, modules in registry.TARGETS.items():
+        instrumentation = importlib.import_module(f"agent.instrumentation.{name}")
+        assert {p.module for p in instrumentation.PATCHES} == set(modules), name
+
+
+def test_importing_the_agent_with_targets_loaded_never_imports_wrapt_eagerly():
+    out = check_python(
+        "import sys, agent\nprint('wrapt' in sys.modules)",
+        {"TALISKER_ENABLED": "true"},
+    )
+    assert out.strip() == "False"
