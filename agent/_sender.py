@@ -96,7 +96,7 @@ class Sender:
                     tag_list = list(tags)
                     for i in range(0, len(samples), SAMPLES_PER_LINE):
                         chunk = samples[i : i + SAMPLES_PER_LINE]
-                        send_timing(name, ":".join([_number_text(v) for v in chunk]), tag_list)
+                        send_timing(name, ":".join(["%.3f" % v for v in chunk]), tag_list)  # noqa: UP031 - fastest
             finally:
                 client.close_buffer()
         finally:
@@ -165,11 +165,6 @@ def _resolve(host: str, port: int) -> str:
 
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
-
-
-def _number_text(value: float) -> str:
-    text = f"{value:.3f}".rstrip("0")
-    return text[:-1] if text.endswith(".") else text
 
 
 def _watch_datadog_log() -> None:

@@ -29,7 +29,7 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     import threading
     from collections import deque
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
     from typing import Any
 
     from agent._sender import Batch, Sender
@@ -257,16 +257,14 @@ class Pipeline:
             self._sender = Sender(self.config)
         self._sender.send(batch)
 
-    def _drain(self) -> list[tuple[int, str, float, Tags]]:
-        queue = self.queue
-        items = []
-        pop = queue.popleft
-        try:
-            for _ in range(len(queue)):
-                items.append(pop())
-        except IndexError:  # pragma: no cover - only this thread pops
-            pass
-        return items
+    def _drain(self) -> Iterator[tuple[int, Any, Any, Tags]]:
+        """What is queued now, oldest first (what arrives meanwhile waits for the next flush)."""
+        pop = self.queue.popleft
+        for _ in range(len(self.queue)):
+            try:
+                yield pop()
+            except IndexError:  # pragma: no cover - only this thread pops
+                return
 
     def aggregate(self, items: Iterable[tuple[int, Any, Any, Tags]]) -> Batch:
         """Sum counts, keep last gauges, collect timing samples, per sanitised context.
@@ -280,6 +278,7 @@ class Pipeline:
         gauges: dict[tuple[str, Tags], float] = {}
         timings: dict[tuple[str, Tags], list[float]] = {}
         deferred: dict[Any, list[Any]] = {}
+        add = self._add
         for kind, name, value, tags in items:
             if kind == EXPAND:
                 payloads = deferred.get(name)
@@ -287,12 +286,12 @@ class Pipeline:
                     deferred[name] = [value]
                 else:
                     payloads.append(value)
-                continue
-            self._add(counts, gauges, timings, kind, name, value, tags)
+            else:
+                add(counts, gauges, timings, kind, name, value, tags)
         for expand, payloads in deferred.items():
             try:
                 for kind, name, value, tags in expand(payloads):
-                    self._add(counts, gauges, timings, kind, name, value, tags)
+                    add(counts, gauges, timings, kind, name, value, tags)
             except Exception:
                 _log.log_once("metrics-expand", "agent: a metric record failed", exc_info=True)
 

@@ -36,6 +36,7 @@ __all__ = ["TARGETS", "Patch", "install", "installed", "uninstall"]
 TARGETS: dict[str, tuple[str, ...]] = {
     "urllib3": ("urllib3.connectionpool", "urllib3.poolmanager"),
     "requests": ("requests.sessions",),
+    "psycopg2": ("psycopg2",),
 }
 
 

@@ -21,6 +21,7 @@ TARGETS = {
         ("requests.sessions", "Session", "send"),
         ("requests.sessions", "Session", "request"),
     ],
+    "psycopg2": [("psycopg2", None, "connect")],
 }
 
 # A snippet that prints, as JSON, for each patch point: whether it is ours and
@@ -34,7 +35,8 @@ def current():
             mod = sys.modules.get(module)
             if mod is None:
                 continue
-            out[f"{module}:{owner}.{attr}"] = vars(getattr(mod, owner))[attr]
+            holder = mod if owner is None else getattr(mod, owner)
+            out[f"{module}:{owner}.{attr}"] = vars(holder)[attr]
     return out
 def report(originals):
     from agent import registry
@@ -69,7 +71,7 @@ def all_points(state: dict, **expected: bool) -> None:
             assert value[field] == want, (key, value)
 
 
-@pytest.mark.parametrize("target", ["urllib3", "requests"])
+@pytest.mark.parametrize("target", list(TARGETS))
 def test_target_imported_before_the_agent(target):
     state = run(
         f"""
@@ -90,7 +92,7 @@ def test_target_imported_before_the_agent(target):
     all_points(again, ours=True, original=False, layers=1)
 
 
-@pytest.mark.parametrize("target", ["urllib3", "requests"])
+@pytest.mark.parametrize("target", list(TARGETS))
 def test_target_imported_after_the_agent(target):
     state = run(
         f"""
@@ -110,7 +112,7 @@ def test_install_twice_wraps_once_and_uninstall_restores_originals():
         """
 import agent
 agent.uninstall()
-import urllib3, requests
+import urllib3, requests, psycopg2
 originals = current()
 agent.install()
 agent.install()

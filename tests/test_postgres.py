@@ -1,0 +1,457 @@
+"""psycopg2 against the real PostgreSQL server: cursors, deadlines, metrics, compatibility."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import psycopg2
+import psycopg2.extras
+import psycopg2.pool
+import pytest
+from psycopg2 import extensions
+from psycopg2 import sql as pgsql
+
+import agent
+from tests.support.http import UnacceptingServer
+
+QUERIES = "talisker.sql.queries"
+ERRORS = "talisker.sql.errors"
+LATENCY = "talisker.sql.latency"
+
+
+@pytest.fixture
+def pg(install_agent, postgres_dsn):
+    """The agent installed and a DSN to the test server."""
+    install_agent()
+    return postgres_dsn
+
+
+def sent(statsd, name=QUERIES, at_least=1):
+    assert agent.flush(5)
+    statsd.wait_for(lambda: statsd.total(name) >= at_least, 3)
+
+
+def run_pg_sleep(conn, seconds: float) -> None:
+    with conn.cursor() as cur:
+        cur.execute("select pg_sleep(%s)", (seconds,))
+
+
+# -- connections and cursors -----------------------------------------------------
+
+
+def test_the_application_gets_a_real_connection(pg):
+    conn = psycopg2.connect(pg)
+    try:
+        assert isinstance(conn, extensions.connection)
+        cur = conn.cursor()
+        assert isinstance(cur, extensions.cursor)
+        assert repr(type(cur)) == repr(extensions.cursor)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        psycopg2.extras.DictConnection,
+        psycopg2.extras.RealDictConnection,
+        psycopg2.extras.LoggingConnection,
+    ],
+)
+def test_a_connection_factory_is_honoured(pg, statsd, factory):
+    conn = psycopg2.connect(pg, connection_factory=factory)
+    try:
+        assert isinstance(conn, factory)
+        if factory is psycopg2.extras.LoggingConnection:
+            conn.initialize(logging.getLogger("sqllog"))
+        cur = conn.cursor()
+        if factory is psycopg2.extras.DictConnection:
+            assert isinstance(cur, psycopg2.extras.DictCursor)
+        cur.execute("select 1 as a")
+        assert cur.fetchone()[0 if factory is not psycopg2.extras.RealDictConnection else "a"] == 1
+    finally:
+        conn.close()
+    sent(statsd)
+    assert statsd.total(QUERIES, operation="select") == 1
+
+
+def test_every_kind_of_cursor_is_timed(pg, statsd):
+    conn = psycopg2.connect(pg, cursor_factory=psycopg2.extras.RealDictCursor)
+    try:
+        with conn.cursor() as cur:  # the connection's cursor_factory
+            cur.execute("select 1 as a")
+            assert cur.fetchone() == {"a": 1}
+        with conn.cursor(cursor_factory=psycopg2.extras.NamedTupleCursor) as cur:  # per call
+            cur.execute("select 2 as b")
+            assert cur.fetchone().b == 2
+        with conn.cursor(cursor_factory=psycopg2.extras.DictCursor) as cur:
+            cur.execute("select 3 as c")
+            assert cur.fetchone()["c"] == 3
+        with conn.cursor("server_side") as cur:  # named, server-side
+            cur.execute("select generate_series(1, 5)")
+            assert len(cur.fetchall()) == 5
+        conn.commit()
+    finally:
+        conn.close()
+    sent(statsd, at_least=4)
+    assert statsd.total(QUERIES, operation="select") == 4
+
+
+def test_pool_connections_are_timed(pg, statsd):
+    for pool_class in (psycopg2.pool.SimpleConnectionPool, psycopg2.pool.ThreadedConnectionPool):
+        pool = pool_class(1, 2, pg)
+        conn = pool.getconn()
+        with conn.cursor() as cur:
+            cur.execute("select 1")
+        pool.putconn(conn)
+        pool.closeall()
+    sent(statsd, at_least=2)
+    assert statsd.total(QUERIES) == 2
+
+
+def test_execute_executemany_and_callproc_are_timed(pg, statsd):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("create temporary table t (n int)")
+            cur.executemany("insert into t values (%s)", [(1,), (2,), (3,)])
+            assert cur.rowcount == 3
+            cur.execute(
+                "create or replace function pg_temp.add_one(n int) returns int"
+                " as $$ select n + 1 $$ language sql"
+            )
+            cur.callproc("pg_temp.add_one", (41,))
+            assert cur.fetchone()[0] == 42
+            cur.execute(b"update t set n = n + 1")
+            cur.execute(pgsql.SQL("delete from {}").format(pgsql.Identifier("t")))
+    finally:
+        conn.close()
+    sent(statsd, at_least=6)
+    assert statsd.total(QUERIES, operation="insert") == 1  # executemany: one record
+    assert statsd.total(QUERIES, operation="call") == 1
+    assert statsd.total(QUERIES, operation="create") == 2
+    assert statsd.total(QUERIES, operation="update") == 1
+    assert statsd.total(QUERIES, operation="other") == 1  # a Composed statement
+
+
+# -- metrics -----------------------------------------------------------------------
+
+
+def test_queries_are_counted_and_timed_with_peer_db_and_operation(pg, statsd):
+    conn = psycopg2.connect(pg)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("  /* leading comment */ -- and another\n SELECT 1")
+            cur.execute("with x as (select 1) select * from x")
+            cur.execute("select pg_sleep(0.05)")
+        conn.commit()
+    finally:
+        conn.close()
+    sent(statsd, at_least=3)
+    (select,) = statsd.find(QUERIES, operation="select")
+    assert select.tag_dict == {"peer": "127.0.0.1:5432", "db": "test", "operation": "select"} | {
+        k: v for k, v in select.tag_dict.items() if k not in ("peer", "db", "operation")
+    }
+    assert select.value == 2
+    assert statsd.total(QUERIES, operation="with") == 1
+    assert max(statsd.samples(LATENCY, operation="select")) >= 50
+
+
+def test_a_failed_query_reports_its_sqlstate(pg, statsd):
+    conn = psycopg2.connect(pg)
+    try:
+        with pytest.raises(psycopg2.errors.UndefinedTable), conn.cursor() as cur:
+            cur.execute("select * from no_such_table")
+        conn.rollback()
+        with pytest.raises(psycopg2.errors.SyntaxError), conn.cursor() as cur:
+            cur.execute("selec 1")
+    finally:
+        conn.close()
+    sent(statsd, ERRORS, 2)
+    assert statsd.total(ERRORS, type="query", code="42P01", operation="select") == 1
+    assert statsd.total(ERRORS, type="query", code="42601", operation="other") == 1
+
+
+def test_a_failed_connect_is_a_connection_error(pg, statsd):
+    port = UnacceptingServer()
+    port.close()  # nothing listens there now
+    with pytest.raises(psycopg2.OperationalError):
+        psycopg2.connect(host="127.0.0.1", port=port.port, user="postgres", dbname="test")
+    sent(statsd, ERRORS)
+    (error,) = statsd.find(ERRORS)
+    assert error.tag_dict["type"] == "connection" and error.tag("operation") == "connect"
+    assert error.tag("peer") == f"127.0.0.1:{port.port}"
+    assert statsd.total(QUERIES) == 0
+
+
+# -- deadlines ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_query_is_cancelled_at_the_deadline(pg, statsd, autocommit):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = autocommit
+    try:
+        start = time.monotonic()
+        with agent.deadline(0.5), pytest.raises(psycopg2.errors.QueryCanceled):
+            run_pg_sleep(conn, 3)
+        assert time.monotonic() - start < 1.5
+        if not autocommit:
+            conn.rollback()
+        start = time.monotonic()
+        run_pg_sleep(conn, 0.6)  # right after the scope: no timeout left behind
+        assert time.monotonic() - start >= 0.6
+    finally:
+        conn.close()
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="deadline", code="57014") == 1
+
+
+def test_no_timeout_outlives_the_deadline_inside_a_transaction(pg):
+    conn = psycopg2.connect(pg)
+    try:
+        with agent.deadline(5), conn.cursor() as cur:
+            cur.execute("select 1")
+        run_pg_sleep(conn, 0.6)  # same transaction, outside the scope
+        with conn.cursor() as cur:
+            cur.execute("show statement_timeout")
+            assert cur.fetchone()[0] == "0"
+        conn.commit()
+        with conn.cursor() as cur:
+            cur.execute("show statement_timeout")
+            assert cur.fetchone()[0] == "0"
+    finally:
+        conn.close()
+
+
+def test_the_timeout_is_in_the_same_statement_and_never_zero(pg):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select 1")
+            assert cur.query == b"select 1"  # no deadline: the statement as written
+            with agent.deadline(0.0001):
+                time.sleep(0.00005)
+                try:
+                    cur.execute("select 1")
+                except agent.DeadlineExceeded:
+                    pass
+                else:
+                    assert b"statement_timeout = 1;" in cur.query
+            with agent.deadline(2):
+                cur.execute("select %s", ("x",))
+                assert cur.query.startswith(b"SET LOCAL statement_timeout = ")
+                assert cur.query.endswith(b"; select 'x'")
+                ms = int(cur.query.split(b"= ")[1].split(b";")[0])
+                assert 1 <= ms <= 2000
+    finally:
+        conn.close()
+
+
+def test_the_sessions_own_shorter_statement_timeout_is_kept(pg, statsd):
+    conn = psycopg2.connect(pg, options="-c statement_timeout=300")
+    conn.autocommit = True
+    try:
+        start = time.monotonic()
+        with agent.deadline(30), pytest.raises(psycopg2.errors.QueryCanceled):
+            run_pg_sleep(conn, 3)
+        assert time.monotonic() - start < 1.0
+    finally:
+        conn.close()
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="timeout", code="57014") == 1
+
+
+def test_an_expired_deadline_raises_before_executing(pg, statsd):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("create temporary table side_effect (n int)")
+            with agent.deadline(0.01):
+                time.sleep(0.02)
+                with pytest.raises(agent.DeadlineExceeded):
+                    cur.execute("insert into side_effect values (1)")
+                with pytest.raises(TimeoutError):
+                    cur.callproc("pg_sleep", (1,))
+            cur.execute("select count(*) from side_effect")
+            assert cur.fetchone()[0] == 0
+    finally:
+        conn.close()
+    sent(statsd, ERRORS, 2)
+    assert statsd.total(ERRORS, type="deadline", code="deadline") == 2
+
+
+def test_an_expired_deadline_raises_before_connecting(pg, statsd):
+    with agent.deadline(0.01):
+        time.sleep(0.02)
+        with pytest.raises(agent.DeadlineExceeded):
+            psycopg2.connect(pg)
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="deadline", operation="connect") == 1
+
+
+def test_connect_timeout_is_cut_to_the_deadline_and_merged(pg):
+    def connect_timeout(dsn: str, seconds: float | None) -> str | None:
+        with agent.deadline(seconds):
+            conn = psycopg2.connect(dsn)
+        try:
+            return conn.get_dsn_parameters().get("connect_timeout")
+        finally:
+            conn.close()
+
+    assert connect_timeout(pg, None) is None  # no deadline: nothing added
+    assert connect_timeout(pg, 3.5) == "4"  # whole seconds, rounded up
+    assert connect_timeout(pg, 0.3) == "2"  # libpq's minimum
+    assert connect_timeout(pg + "?connect_timeout=3", 30) == "3"  # the caller's is shorter
+    assert connect_timeout(pg + "?connect_timeout=60", 5) == "5"
+
+
+def test_options_in_the_dsn_are_kept(pg):
+    with agent.deadline(5):
+        conn = psycopg2.connect(pg + "?options=-c%20search_path%3Dtalisker_test%2Cpublic")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("show search_path")
+            assert cur.fetchone()[0] == "talisker_test,public"
+    finally:
+        conn.close()
+
+
+def test_connecting_under_a_deadline_to_a_silent_server_gives_up(pg):
+    server = UnacceptingServer()
+    try:
+        start = time.monotonic()
+        with agent.deadline(1), pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(host="127.0.0.1", port=server.port, user="postgres", dbname="test")
+        assert time.monotonic() - start < 3.5  # libpq's minimum is 2 s
+    finally:
+        server.close()
+
+
+# -- never secrets -------------------------------------------------------------------
+
+
+def test_no_password_or_sql_text_reaches_a_datagram_or_a_log(pg, statsd, caplog):
+    secret = "s3cr3t-XYZ"
+    dsn = pg.replace("postgres@", f"postgres:{secret}@")
+    with caplog.at_level(logging.DEBUG):
+        conn = psycopg2.connect(dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("select 'literal-value-123'")
+                with pytest.raises(psycopg2.Error):
+                    cur.execute("select * from secret_table_name where x = 'literal-value-456'")
+        finally:
+            conn.close()
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(dsn.replace("5432", "1"))
+        agent.flush(5)
+    statsd.wait_for(lambda: statsd.total(ERRORS) >= 2)
+    text = statsd.raw_text() + "\n".join(
+        r.getMessage() for r in caplog.records if r.name.startswith("agent")
+    )
+    for forbidden in (secret, "literal-value", "secret_table_name"):
+        assert forbidden not in text
+
+
+# -- psycopg2 features behave as without the agent ----------------------------------------
+
+
+def exercise(dsn: str) -> list[object]:
+    """Things applications do with psycopg2; returns what they observed."""
+    seen: list[object] = []
+    conn = psycopg2.connect(dsn)
+    try:
+        psycopg2.extras.register_uuid(conn_or_curs=conn)
+        psycopg2.extras.register_default_jsonb(conn)
+        psycopg2.extras.register_hstore  # noqa: B018 - importable
+        point = extensions.new_type(
+            (600,),
+            "POINT",
+            lambda v, c: None if v is None else tuple(map(float, v[1:-1].split(","))),
+        )
+        extensions.register_type(point, conn)
+        seen.append(extensions.quote_ident("a b", conn))
+        seen.append(extensions.adapt("it's").getquoted())
+        adapted = extensions.adapt("é")
+        adapted.prepare(conn)
+        seen.append(adapted.getquoted())
+        with conn, conn.cursor() as cur:
+            u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+            cur.execute("select %s::uuid, '{\"a\": 1}'::jsonb, point(1, 2)", (u,))
+            seen.append(cur.fetchone())
+            cur.execute("do $$ begin raise notice 'hello'; end $$")
+            seen.append([n.strip() for n in conn.notices])
+            cur.execute("create temporary table copy_t (n int)")
+            import io
+
+            cur.copy_expert("copy copy_t from stdin", io.StringIO("1\n2\n"))
+            out = io.StringIO()
+            cur.copy_expert("copy copy_t to stdout", out)
+            seen.append(out.getvalue())
+            seen.append(cur.mogrify("select %s", ("x",)))
+        try:
+            with conn.cursor() as cur:
+                cur.execute("select 1/0")
+        except psycopg2.Error as exc:
+            seen.append((type(exc), exc.pgcode))
+        conn.rollback()
+        seen.append((conn.status, conn.autocommit, conn.closed))
+    finally:
+        conn.close()
+    return seen
+
+
+def test_psycopg2_features_behave_as_without_the_agent(install_agent, postgres_dsn):
+    without = exercise(postgres_dsn)
+    install_agent()
+    with agent.deadline(30):
+        with_agent = exercise(postgres_dsn)
+    assert with_agent == without
+
+
+def test_async_connections_are_passed_through(pg):
+    conn = psycopg2.connect(pg, async_=True)
+    try:
+        psycopg2.extras.wait_select(conn)
+        assert type(conn) is extensions.connection
+        cur = conn.cursor()
+        cur.execute("select 1")
+        psycopg2.extras.wait_select(conn)
+        assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_sqlalchemy_works(pg, statsd):
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    engine = sqlalchemy.create_engine(pg.replace("postgresql://", "postgresql+psycopg2://"))
+    try:
+        with engine.connect() as c:
+            assert c.execute(sqlalchemy.text("select 41 + 1")).scalar() == 42
+            c.execute(sqlalchemy.text("create temporary table sa (n int)"))
+            c.execute(sqlalchemy.text("insert into sa values (:n)"), [{"n": 1}, {"n": 2}])
+            assert c.execute(sqlalchemy.text("select count(*) from sa")).scalar() == 2
+    finally:
+        engine.dispose()
+    sent(statsd, at_least=3)
+    assert statsd.total(QUERIES, operation="select") >= 2
+
+
+def test_uninstall_leaves_connections_working_and_silent(install_agent, postgres_dsn, statsd):
+    install_agent()
+    conn = psycopg2.connect(postgres_dsn)
+    agent.uninstall()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select 1")
+            assert cur.fetchone() == (1,)
+        assert type(psycopg2.connect(postgres_dsn)) is extensions.connection
+    finally:
+        conn.close()
+    assert not statsd.wait_for(lambda: bool(statsd.datagrams), 0.3)
