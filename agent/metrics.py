@@ -176,6 +176,9 @@ class Pipeline:
                 thread = threading.Thread(target=self._run, name="talisker-metrics", daemon=True)
                 self.thread = thread
                 thread.start()
+                from agent import process
+
+                process.ensure_started()
                 if not _exit_hook_registered:
                     import atexit
 

@@ -37,6 +37,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "urllib3": ("urllib3.connectionpool", "urllib3.poolmanager"),
     "requests": ("requests.sessions",),
     "psycopg2": ("psycopg2",),
+    "flask": ("flask.app",),
 }
 
 

@@ -1,0 +1,185 @@
+"""``talisker-run``: run a command with the agent active in it and in its Python children."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from agent import config
+from agent._version import __version__
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from typing import TextIO
+
+USAGE = """\
+usage: talisker-run [--check] [--print-metrics] CMD [ARGS...]
+
+Run CMD with talisker-agent active: request ids, deadlines and DogStatsD
+metrics for every Python process it starts, with no code changes.
+
+  talisker-run python app.py
+  talisker-run gunicorn -w 4 app:app
+  talisker-run --print-metrics python app.py
+
+options:
+  --check          print the effective configuration, the instrumentations that
+                   will be active and whether the metrics destination resolves
+  --print-metrics  collect the metrics CMD sends and print them when it exits,
+                   instead of sending them to a Datadog agent
+  -h, --help       show this help and exit
+  --version        show the version and exit
+
+Configuration is read from the environment (TALISKER_*, DD_*); an invalid value
+stops talisker-run with status 2 before CMD starts.
+"""
+
+BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``talisker-run`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    check = print_metrics = False
+    while args and args[0].startswith("-"):
+        option = args.pop(0)
+        if option == "--":
+            break
+        if option in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            return 0
+        if option == "--version":
+            sys.stdout.write(f"talisker-run (talisker-agent) {__version__}\n")
+            return 0
+        if option == "--check":
+            check = True
+        elif option == "--print-metrics":
+            print_metrics = True
+        else:
+            sys.stderr.write(f"talisker-run: unknown option {option}\n\n{USAGE}")
+            return 2
+    try:
+        cfg = config.load(strict=True)
+    except config.ConfigError as exc:
+        sys.stderr.write(f"talisker-run: {exc}\n")
+        return 2
+    if check:
+        print_check(cfg, sys.stdout)
+        return 0
+    if not args:
+        sys.stderr.write(f"talisker-run: no command given\n\n{USAGE}")
+        return 2
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _with_bootstrap(env.get("PYTHONPATH", ""))
+    if print_metrics:
+        return _run_printing_metrics(args, env)
+    try:
+        os.execvpe(args[0], args, env)
+    except FileNotFoundError:
+        sys.stderr.write(f"talisker-run: {args[0]}: command not found\n")
+        return 127
+    except PermissionError:
+        sys.stderr.write(f"talisker-run: {args[0]}: permission denied\n")
+        return 126
+    return 0  # pragma: no cover - exec does not return
+
+
+def _with_bootstrap(pythonpath: str) -> str:
+    """``PYTHONPATH`` with the bootstrap directory first, keeping the user's entries."""
+    entries = [p for p in pythonpath.split(os.pathsep) if p and p != BOOTSTRAP]
+    return os.pathsep.join([BOOTSTRAP, *entries])
+
+
+def _run_printing_metrics(args: list[str], env: dict[str, str]) -> int:
+    import signal
+    import subprocess
+
+    from agent._receiver import Collector
+
+    collector = Collector()
+    env["DD_DOGSTATSD_URL"] = collector.url
+    env["TALISKER_METRICS_ENABLED"] = "true"
+    try:
+        child = subprocess.Popen(args, env=env)
+    except FileNotFoundError:
+        sys.stderr.write(f"talisker-run: {args[0]}: command not found\n")
+        return 127
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    status = child.wait()
+    collector.settle()
+    sys.stderr.write(f"\ntalisker-run: metrics sent by {' '.join(args)}:\n")
+    collector.render(sys.stderr)
+    collector.close()
+    return status if status >= 0 else 128 - status
+
+
+def print_check(cfg: config.Config, out: TextIO) -> None:
+    """What ``--check`` prints: configuration, instrumentations, destination."""
+    out.write(
+        f"talisker-agent {__version__} in {sys.executable} (Python {sys.version.split()[0]})\n"
+    )
+    out.write("\nconfiguration:\n")
+    width = max(len(s.env) for s in config.SETTINGS)
+    for s in config.SETTINGS:
+        value = config.describe(getattr(cfg, s.attr)) or '""'
+        source = "set" if cfg.sources[s.attr] == "env" else "default"
+        out.write(f"  {s.env:<{width}}  {value}  ({source})\n")
+    out.write("\ninstrumentations:\n")
+    for name in config.INSTRUMENTATIONS:
+        out.write(f"  {name:<9} {_instrumentation_state(cfg, name)}\n")
+    out.write("\nmetrics:\n")
+    if not cfg.enabled or not cfg.metrics_enabled:
+        out.write("  off\n")
+        return
+    out.write(f"  destination {cfg.destination} (prefix {cfg.prefix or 'none'!r})\n")
+    out.write(f"  {_destination_state(cfg.destination)}\n")
+
+
+def _instrumentation_state(cfg: config.Config, name: str) -> str:
+    import importlib.util
+
+    if not cfg.enabled:
+        return "off (TALISKER_ENABLED=false)"
+    if name in cfg.disabled_instrumentations:
+        return "off (TALISKER_DISABLED_INSTRUMENTATIONS)"
+    if importlib.util.find_spec(name) is None:
+        return "not installed"
+    return f"active when imported ({name} {_version_of(name)})"
+
+
+def _version_of(name: str) -> str:
+    from importlib import metadata
+
+    for dist in (name, f"{name}-binary", name.capitalize()):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "version unknown"
+
+
+def _destination_state(dest: config.Destination) -> str:
+    import socket
+
+    if dest.scheme == "udp":
+        try:
+            infos = socket.getaddrinfo(dest.host, dest.port, 0, socket.SOCK_DGRAM)
+        except OSError as exc:
+            return f"does NOT resolve: {exc}"
+        return "resolves to " + ", ".join(sorted({str(i[4][0]) for i in infos}))
+    import stat
+
+    try:
+        mode = os.stat(dest.path or "").st_mode
+    except OSError as exc:
+        return f"socket NOT found: {exc.strerror}"
+    return "socket exists" if stat.S_ISSOCK(mode) else "path exists but is NOT a socket"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

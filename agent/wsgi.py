@@ -1,0 +1,352 @@
+"""The server side: a request scope and metrics for every incoming WSGI request.
+
+:class:`TaliskerMiddleware` wraps any WSGI application; Flask applications are
+wrapped automatically (``agent/instrumentation/flask.py``). Per request:
+
+- the request id: the incoming ``X-Request-Id`` if sane, else a new one (or
+  ``<new>-<incoming>`` with ``TALISKER_COMPOSE_REQUEST_ID``);
+- the deadline: the earliest of ``X-Request-Deadline`` (absolute), ``X-Request-Timeout``
+  (relative seconds), ``TALISKER_REQUEST_TIMEOUT`` and the view's ``request_timeout``;
+- the response carries ``X-Request-Id`` and ``X-View-Name``;
+- ``environ['requests']`` is the thread's session (when the application uses requests);
+- ``wsgi.requests``, ``wsgi.errors``, ``wsgi.latency`` and ``wsgi.cpu`` when the
+  response has been sent and ``close()`` called; ``wsgi.soft_timeouts`` and one
+  warning for a request slower than its soft timeout.
+
+The application and the iteration of its response run in one copied context, so
+the request scope covers a streamed body and never leaks into the next request.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextvars import ContextVar, copy_context
+
+from agent import _log, config, context, metrics
+from agent.context import Deadline, Scope
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from contextvars import Context
+    from typing import Any, TypeVar
+
+    F = TypeVar("F", bound=Callable[..., Any])
+    StartResponse = Callable[..., Any]
+    WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+__all__ = ["TaliskerMiddleware", "current_request", "parse_deadline", "request_timeout"]
+
+MAX_ID_LENGTH = 200
+VIEW_HEADER = "X-View-Name"
+_perf_counter = time.perf_counter
+_thread_time = time.thread_time
+
+
+class Request:
+    """What the agent knows about the incoming request being served."""
+
+    __slots__ = (
+        "cpu",
+        "error",
+        "finished",
+        "method",
+        "request_id",
+        "soft_timeout",
+        "start",
+        "status",
+        "view",
+    )
+
+    def __init__(self, request_id: str, method: str, soft_timeout: float | None) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.soft_timeout = soft_timeout
+        self.view: str | None = None
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.start = _perf_counter()
+        self.cpu = _thread_time()
+
+
+_request: ContextVar[Request | None] = ContextVar("talisker_wsgi_request", default=None)
+#: The incoming request being served in this context, or ``None``.
+current_request = _request.get
+
+
+class TaliskerMiddleware:
+    """WSGI middleware: request id, deadline, response headers and metrics.
+
+    ``TaliskerMiddleware(app)``. The view name comes from ``environ["talisker.view"]``
+    if the application sets it, else from an ``X-View-Name`` response header it
+    sends, else ``unknown``. Flask applications need no middleware.
+    """
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        return handle(self.app, environ, start_response)
+
+
+def handle(
+    app: Callable[..., Iterable[bytes]],
+    environ: dict[str, Any],
+    start_response: StartResponse,
+    view_of: Callable[[], str | None] | None = None,
+) -> Iterable[bytes]:
+    """Serve one request through ``app`` inside a request scope (shared by the integrations)."""
+    cfg = config.current
+    if cfg is None or "talisker.request" in environ:
+        return app(environ, start_response)  # off, or an outer layer handles this request
+    try:
+        request, scope = _begin(environ, cfg)
+    except Exception:
+        _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
+        return app(environ, start_response)
+    ctx = copy_context()
+    ctx.run(_enter, scope, request)
+    id_header = cfg.id_header
+
+    def talisker_start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+        try:
+            request.status = int(status[:3])
+            names = {name.lower() for name, _ in headers}
+            if id_header.lower() not in names:
+                headers.append((id_header, request.request_id))
+            inner = environ.get("talisker.view_of")  # set by an integration inside us
+            view = request.view or (view_of() if view_of is not None else None)
+            view = view or (inner() if inner is not None else None) or environ.get("talisker.view")
+            if view:
+                request.view = str(view)
+                if "x-view-name" not in names:
+                    headers.append((VIEW_HEADER, request.view))
+            else:
+                request.view = next((v for k, v in headers if k.lower() == "x-view-name"), None)
+        except Exception:
+            _log.log_once("wsgi-headers", "agent: adding response headers failed", exc_info=True)
+        return start_response(status, headers, *exc_info)
+
+    try:
+        body = ctx.run(app, environ, talisker_start_response)
+    except BaseException as exc:
+        request.error = exc
+        _finish(request)
+        raise
+    return _Body(body, ctx, request)
+
+
+class _Body:
+    """The response body: iterated in the request's context; records on ``close()``."""
+
+    __slots__ = ("_body", "_ctx", "_iterator", "_request")
+
+    def __init__(self, body: Iterable[bytes], ctx: Context, request: Request) -> None:
+        self._body = body
+        self._ctx = ctx
+        self._request = request
+        self._iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> _Body:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = self._ctx.run(iter, self._body)
+        try:
+            chunk: bytes = self._ctx.run(next, self._iterator)
+            return chunk
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self._request.error = exc
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                self._ctx.run(close)
+        finally:
+            _finish(self._request)
+
+
+def _enter(scope: Scope, request: Request) -> None:
+    context._scope.set(scope)
+    _request.set(request)
+
+
+def _begin(environ: dict[str, Any], cfg: config.Config) -> tuple[Request, Scope]:
+    incoming = environ.get(_environ_key(cfg.id_header))
+    request_id = context.new_request_id()
+    if incoming is not None:
+        if _sane_id(incoming):
+            request_id = f"{request_id}-{incoming}" if cfg.compose_request_id else incoming
+        else:
+            _log.debug("agent: ignoring an unusable incoming request id")
+    deadline = None
+    if cfg.request_timeout is not None:
+        deadline = Deadline.after(cfg.request_timeout)
+    header = environ.get(_environ_key(cfg.deadline_header))
+    if header is not None:
+        wall = parse_deadline(header)
+        if wall is None:
+            _log.debug("agent: ignoring an unparsable %s header", cfg.deadline_header)
+        else:
+            deadline = context.earliest(deadline, Deadline.at_wall_time(wall))
+    relative = environ.get("HTTP_X_REQUEST_TIMEOUT")
+    if relative is not None:
+        seconds = _parse_seconds(relative)
+        if seconds is None:
+            _log.debug("agent: ignoring an unparsable X-Request-Timeout header")
+        else:
+            deadline = context.earliest(deadline, Deadline.after(seconds))
+    request = Request(
+        request_id, str(environ.get("REQUEST_METHOD", "GET")), cfg.soft_request_timeout
+    )
+    environ["talisker.request"] = request
+    environ["REQUEST_ID"] = request_id  # talisker's name for it
+    if "requests" in sys.modules:  # talisker's convention, without importing requests
+        from agent.sessions import get_session
+
+        environ["requests"] = get_session()
+    return request, Scope(request_id=request_id, deadline=deadline)
+
+
+_environ_keys: dict[str, str] = {}
+
+
+def _environ_key(header: str) -> str:
+    key = _environ_keys.get(header)
+    if key is None:
+        key = _environ_keys[header] = "HTTP_" + header.upper().replace("-", "_")
+    return key
+
+
+def _sane_id(value: str) -> bool:
+    """Printable ASCII without spaces or control characters, at most 200 characters."""
+    return 0 < len(value) <= MAX_ID_LENGTH and all("!" <= c <= "~" for c in value)
+
+
+def _parse_seconds(value: str) -> float | None:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < 1e9 else None
+
+
+_DEADLINE_RE: Any = None
+
+
+def parse_deadline(value: str) -> float | None:
+    """An ISO 8601 time with a zone (``Z`` or ``±HH:MM``) in seconds since the epoch.
+
+    Fractional seconds are optional. Anything else, including a time without a
+    zone, gives ``None``.
+    """
+    global _DEADLINE_RE
+    if _DEADLINE_RE is None:
+        import re
+
+        _DEADLINE_RE = re.compile(
+            r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d{1,9})?"
+            r"(?:([Zz])|([+-])(\d\d):?(\d\d))"
+        )
+    match = _DEADLINE_RE.fullmatch(value.strip())
+    if match is None:
+        return None
+    import calendar
+
+    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
+    try:
+        epoch: float = calendar.timegm(
+            (int(year), int(month), int(day), int(hour), int(minute), int(second), 0, 0, 0)
+        )
+        if not (1 <= int(month) <= 12 and 1 <= int(day) <= 31 and int(hour) < 24):
+            return None
+    except (ValueError, OverflowError):
+        return None
+    if fraction:
+        epoch += float(fraction)
+    if not zulu:
+        offset = int(off_h) * 3600 + int(off_m) * 60
+        epoch += -offset if sign == "+" else offset
+    return float(epoch)
+
+
+def _finish(request: Request) -> None:
+    """Record the request once it is complete."""
+    if request.finished:
+        return
+    request.finished = True
+    try:
+        cpu_ms = (_thread_time() - request.cpu) * 1000.0
+        latency_ms = (_perf_counter() - request.start) * 1000.0
+        status = request.status if request.status is not None else 500
+        error = request.error is not None or status >= 500
+        view = request.view or "unknown"
+        metrics.record_deferred(_expand, (view, request.method, status, latency_ms, cpu_ms, error))
+        soft = request.soft_timeout
+        if soft is not None and latency_ms > soft * 1000.0:
+            metrics.count("wsgi.soft_timeouts", 1, (("view", view), ("method", request.method)))
+            _log.logger().warning(
+                "agent: request %s to %s took %.0f ms, over its soft timeout of %.0f ms",
+                request.request_id,
+                view,
+                latency_ms,
+                soft * 1000.0,
+            )
+    except Exception:
+        _log.log_once("wsgi-record", "agent: recording a WSGI request failed", exc_info=True)
+
+
+def _expand(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
+    """``wsgi.*`` metrics of a flush (runs in the metrics thread)."""
+    groups: dict[tuple[Any, ...], tuple[list[float], list[float], list[int]]] = {}
+    for view, method, status, latency_ms, cpu_ms, error in payloads:
+        key = (view, method, status)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = ([], [], [0])
+        group[0].append(latency_ms)
+        group[1].append(cpu_ms)
+        if error:
+            group[2][0] += 1
+    records: list[tuple[int, str, Any, Any]] = []
+    for (view, method, status), (latencies, cpus, errors) in groups.items():
+        tags = (("view", view), ("method", method), ("status", status))
+        records.append((metrics.COUNT, "wsgi.requests", len(latencies), tags))
+        records.append((metrics.TIMING, "wsgi.latency", latencies, tags))
+        records.append((metrics.TIMING, "wsgi.cpu", cpus, tags))
+        if errors[0]:
+            records.append((metrics.COUNT, "wsgi.errors", errors[0], tags))
+    return records
+
+
+def request_timeout(timeout_ms: float | None = None, soft_timeout_ms: float | None = None) -> Any:
+    """Decorator for a view: its own deadline and soft timeout, in milliseconds.
+
+    The deadline applies to what the view does (the earliest of it and the
+    request's wins); the soft timeout replaces ``TALISKER_SOFT_REQUEST_TIMEOUT``
+    for requests served by this view.
+    """
+
+    def decorator(view: F) -> F:
+        import functools
+
+        @functools.wraps(view)
+        def timed_view(*args: Any, **kwargs: Any) -> Any:
+            request = _request.get()
+            if request is not None and soft_timeout_ms is not None:
+                request.soft_timeout = soft_timeout_ms / 1000.0
+            if timeout_ms is None:
+                return view(*args, **kwargs)
+            with context.deadline(timeout_ms / 1000.0):
+                return view(*args, **kwargs)
+
+        return timed_view  # type: ignore[return-value]
+
+    return decorator
