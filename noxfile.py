@@ -74,5 +74,11 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark scripts: each prints its figures and ratios."""
     session.install("-e", ".[test]")
-    for script in ("startup.py", "metric_call.py", "http_overhead.py", "sql_overhead.py"):
+    for script in (
+        "startup.py",
+        "metric_call.py",
+        "http_overhead.py",
+        "sql_overhead.py",
+        "wsgi_overhead.py",
+    ):
         session.run("python", f"benchmarks/{script}")

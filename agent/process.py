@@ -4,9 +4,10 @@ A daemon thread per process reports every ``TALISKER_RUNTIME_METRICS_INTERVAL``
 seconds the CPU time the whole process used during the interval (all threads,
 from ``os.times()``), in milliseconds, and the share of one core it represents.
 
-It starts with the process's first metric, or right after a fork in a child of
-an instrumented process (each gunicorn worker reports from its start). A child
-takes its own baseline, so it never reports its parent's CPU as its own.
+It starts with the process's first metric, and right after a fork in a child of
+a process where the agent is active (each gunicorn worker reports from its
+start, even before its first request). A child takes its own baseline, so it
+never reports its parent's CPU as its own.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def _report(stop_event: threading.Event, interval: float) -> None:
 
 def _after_fork_in_child() -> None:
     global _thread
-    parent_reported = _thread is not None
-    _thread = None
-    if parent_reported:
+    _thread = None  # the parent's thread does not exist here
+    from agent import config
+
+    if _interval > 0 and config.current is not None:
         ensure_started()
 
 

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 _local = threading.local()
+_default_class: type | None = None
 
 
 def get_session(cls: type | None = None) -> Any:
@@ -21,9 +22,7 @@ def get_session(cls: type | None = None) -> Any:
     connections cannot be shared with the parent.
     """
     if cls is None:
-        import requests
-
-        cls = requests.Session
+        cls = _default_class or _requests_session_class()
     sessions: dict[type, Any] | None = getattr(_local, "sessions", None)
     if sessions is None:
         sessions = _local.sessions = {}
@@ -31,6 +30,14 @@ def get_session(cls: type | None = None) -> Any:
     if session is None:
         session = sessions[cls] = cls()
     return session
+
+
+def _requests_session_class() -> type:
+    global _default_class
+    import requests
+
+    _default_class = requests.Session
+    return _default_class
 
 
 def _after_fork_in_child() -> None:

@@ -13,15 +13,18 @@ wrapped automatically (``agent/instrumentation/flask.py``). Per request:
   response has been sent and ``close()`` called; ``wsgi.soft_timeouts`` and one
   warning for a request slower than its soft timeout.
 
-The application and the iteration of its response run in one copied context, so
-the request scope covers a streamed body and never leaks into the next request.
+The request scope is set when the application is called and reset when the
+server calls ``close()`` on the response (every WSGI server does, in a
+``finally``), so it covers a streamed body too. Each request's scope is built
+from its own headers, never from what is current, so nothing of one request can
+reach the next.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from contextvars import ContextVar, copy_context
+from contextvars import ContextVar
 
 from agent import _log, config, context, metrics
 from agent.context import Deadline, Scope
@@ -29,7 +32,7 @@ from agent.context import Deadline, Scope
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
-    from contextvars import Context
+    from contextvars import Token
     from typing import Any, TypeVar
 
     F = TypeVar("F", bound=Callable[..., Any])
@@ -95,7 +98,7 @@ def handle(
     app: Callable[..., Iterable[bytes]],
     environ: dict[str, Any],
     start_response: StartResponse,
-    view_of: Callable[[], str | None] | None = None,
+    view_of: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Iterable[bytes]:
     """Serve one request through ``app`` inside a request scope (shared by the integrations)."""
     cfg = config.current
@@ -106,8 +109,7 @@ def handle(
     except Exception:
         _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
         return app(environ, start_response)
-    ctx = copy_context()
-    ctx.run(_enter, scope, request)
+    tokens = (context._scope.set(scope), _request.set(request))
     id_header = cfg.id_header
 
     def talisker_start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
@@ -117,8 +119,9 @@ def handle(
             if id_header.lower() not in names:
                 headers.append((id_header, request.request_id))
             inner = environ.get("talisker.view_of")  # set by an integration inside us
-            view = request.view or (view_of() if view_of is not None else None)
-            view = view or (inner() if inner is not None else None) or environ.get("talisker.view")
+            view = request.view or (view_of(environ) if view_of is not None else None)
+            view = view or (inner(environ) if inner is not None else None)
+            view = view or environ.get("talisker.view")
             if view:
                 request.view = str(view)
                 if "x-view-name" not in names:
@@ -130,36 +133,30 @@ def handle(
         return start_response(status, headers, *exc_info)
 
     try:
-        body = ctx.run(app, environ, talisker_start_response)
+        body = app(environ, talisker_start_response)
     except BaseException as exc:
         request.error = exc
         _finish(request)
+        _leave(tokens)
         raise
-    return _Body(body, ctx, request)
+    return _Body(body, request, tokens)
 
 
 class _Body:
-    """The response body: iterated in the request's context; records on ``close()``."""
+    """The response body; on ``close()`` the request is recorded and its scope left."""
 
-    __slots__ = ("_body", "_ctx", "_iterator", "_request")
+    __slots__ = ("_body", "_request", "_tokens")
 
-    def __init__(self, body: Iterable[bytes], ctx: Context, request: Request) -> None:
+    def __init__(
+        self, body: Iterable[bytes], request: Request, tokens: tuple[Token[Any], ...]
+    ) -> None:
         self._body = body
-        self._ctx = ctx
         self._request = request
-        self._iterator: Iterator[bytes] | None = None
+        self._tokens = tokens
 
-    def __iter__(self) -> _Body:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._iterator is None:
-            self._iterator = self._ctx.run(iter, self._body)
+    def __iter__(self) -> Iterator[bytes]:
         try:
-            chunk: bytes = self._ctx.run(next, self._iterator)
-            return chunk
-        except StopIteration:
-            raise
+            yield from self._body  # delegated in C: no per-chunk cost
         except BaseException as exc:
             self._request.error = exc
             raise
@@ -168,14 +165,19 @@ class _Body:
         try:
             close = getattr(self._body, "close", None)
             if close is not None:
-                self._ctx.run(close)
+                close()
         finally:
             _finish(self._request)
+            _leave(self._tokens)
 
 
-def _enter(scope: Scope, request: Request) -> None:
-    context._scope.set(scope)
-    _request.set(request)
+def _leave(tokens: tuple[Token[Any], ...]) -> None:
+    try:
+        for token in reversed(tokens):
+            token.var.reset(token)
+    except ValueError:  # closed from another context than it was called in
+        context._scope.set(context.EMPTY)
+        _request.set(None)
 
 
 def _begin(environ: dict[str, Any], cfg: config.Config) -> tuple[Request, Scope]:
@@ -208,7 +210,7 @@ def _begin(environ: dict[str, Any], cfg: config.Config) -> tuple[Request, Scope]
     )
     environ["talisker.request"] = request
     environ["REQUEST_ID"] = request_id  # talisker's name for it
-    if "requests" in sys.modules:  # talisker's convention, without importing requests
+    if _requests_installed():  # talisker's convention
         from agent.sessions import get_session
 
         environ["requests"] = get_session()
@@ -216,6 +218,19 @@ def _begin(environ: dict[str, Any], cfg: config.Config) -> tuple[Request, Scope]
 
 
 _environ_keys: dict[str, str] = {}
+_has_requests: bool | None = None
+
+
+def _requests_installed() -> bool:
+    global _has_requests
+    if _has_requests is None:
+        if "requests" in sys.modules:
+            _has_requests = True
+        else:
+            import importlib.util
+
+            _has_requests = importlib.util.find_spec("requests") is not None
+    return _has_requests
 
 
 def _environ_key(header: str) -> str:

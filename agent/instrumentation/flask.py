@@ -34,16 +34,12 @@ def wsgi_app_wrapper(
     return wsgi.handle(wrapped, environ, start_response, _endpoint)
 
 
-def _endpoint() -> str | None:
-    try:
-        from flask import has_request_context, request
-
-        if has_request_context():
-            endpoint: str | None = request.endpoint
-            return endpoint
-    except Exception:
-        pass
-    return None
+def _endpoint(environ: dict[str, Any]) -> str | None:
+    """The endpoint of the request Flask is serving (werkzeug keeps it in the environ)."""
+    request = environ.get("werkzeug.request")
+    rule = getattr(request, "url_rule", None)
+    endpoint = getattr(rule, "endpoint", None)
+    return endpoint if isinstance(endpoint, str) else None
 
 
 PATCHES = (Patch("flask.app", "Flask.wsgi_app", wsgi_app_wrapper),)

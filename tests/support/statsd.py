@@ -30,6 +30,7 @@ class Metric:
     """One parsed DogStatsD line."""
 
     def __init__(self, name: str, values: list[float], type_: str, tags: list[str], line: str):
+        self.sender: object = None  # the address the datagram came from
         self.name = name
         self.values = values
         self.type = type_
@@ -140,7 +141,7 @@ class Receiver:
     def _run(self) -> None:
         while not self._closed:
             try:
-                data = self.sock.recv(65535)
+                data, sender = self.sock.recvfrom(65535)
             except OSError:
                 return
             if self._closed:
@@ -151,7 +152,9 @@ class Receiver:
                     if not line:
                         continue
                     try:
-                        self.metrics.append(parse_line(line))
+                        metric = parse_line(line)
+                        metric.sender = sender
+                        self.metrics.append(metric)
                     except DatagramError as exc:
                         self.errors.append(str(exc))
                 self._cond.notify_all()

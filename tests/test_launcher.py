@@ -1,0 +1,238 @@
+"""talisker-run end to end: real subprocesses, real servers, a real gunicorn."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.proc import ROOT, clean_env
+
+BIN = Path(sys.executable).parent
+TALISKER_RUN = str(BIN / "talisker-run")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_installed():
+    if not Path(TALISKER_RUN).exists():
+        pytest.fail(f"{TALISKER_RUN} is missing: install the project (pip install -e .)")
+
+
+def talisker_run(*args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd=None):
+    return subprocess.run(
+        [TALISKER_RUN, *args],
+        env=clean_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+        check=False,
+    )
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_python_app_is_instrumented_with_its_children_and_the_users_sitecustomize(
+    tmp_path, statsd, http_server
+):
+    user_site = tmp_path / "site"
+    user_site.mkdir()
+    marker = tmp_path / "user-sitecustomize-ran"
+    write(user_site / "sitecustomize.py", f"open({str(marker)!r}, 'w').write('yes')\n")
+    app = write(
+        tmp_path / "app.py",
+        f"""
+        import subprocess, sys
+        import requests
+        requests.get({http_server.url + "/parent"!r})
+        child = "import requests; requests.get({http_server.url + "/child"!r})"
+        subprocess.run([sys.executable, "-c", child], check=True)
+        """,
+    )
+    proc = talisker_run(sys.executable, str(app), env={**statsd.env, "PYTHONPATH": str(user_site)})
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "yes"
+    paths = {r.path: r for r in http_server.requests}
+    assert set(paths) == {"/parent", "/child"}
+    assert all(len(r.header("X-Request-Id") or "") == 32 for r in paths.values())
+    assert statsd.wait_total("talisker.requests.count", 2) == 2
+    assert len({m.sender for m in statsd.find("talisker.requests.count")}) == 2  # two processes
+
+
+def test_python_dash_m_runs_instrumented(tmp_path, statsd, http_server):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    write(package / "__main__.py", f"import requests\nrequests.get({http_server.url!r})\n")
+    proc = talisker_run(
+        sys.executable, "-m", "pkg", env={**statsd.env, "PYTHONPATH": str(tmp_path)}
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert http_server.requests[0].header("X-Request-Id")
+
+
+def test_an_invalid_configuration_exits_2_naming_the_variable(tmp_path):
+    marker = tmp_path / "ran"
+    proc = talisker_run(
+        sys.executable,
+        "-c",
+        f"open({str(marker)!r}, 'w')",
+        env={"TALISKER_REQUEST_TIMEOUT": "abc"},
+    )
+    assert proc.returncode == 2
+    assert "TALISKER_REQUEST_TIMEOUT" in proc.stderr and "'abc'" in proc.stderr
+    assert not marker.exists()
+
+
+def test_help_version_and_usage_errors():
+    help_ = talisker_run("--help")
+    assert help_.returncode == 0 and "usage: talisker-run" in help_.stdout
+    version = talisker_run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("talisker-run (talisker-agent) ")
+    assert talisker_run("--bogus", "python").returncode == 2
+    assert talisker_run().returncode == 2
+    missing = talisker_run("no-such-command-here")
+    assert missing.returncode == 127 and "command not found" in missing.stderr
+
+
+def test_the_exit_status_of_the_command_is_kept():
+    assert talisker_run(sys.executable, "-c", "raise SystemExit(7)").returncode == 7
+
+
+def test_check_prints_configuration_instrumentations_and_destination():
+    proc = talisker_run(
+        "--check",
+        env={
+            "DD_AGENT_HOST": "does-not-resolve.invalid",
+            "TALISKER_DISABLED_INSTRUMENTATIONS": "psycopg2",
+            "TALISKER_REQUEST_TIMEOUT": "1500",
+        },
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "TALISKER_REQUEST_TIMEOUT" in out and "1.5" in out
+    assert "requests  active when imported" in out
+    assert "psycopg2  off (TALISKER_DISABLED_INSTRUMENTATIONS)" in out
+    assert "udp://does-not-resolve.invalid:8125" in out and "does NOT resolve" in out
+    ok = talisker_run("--check", env={"DD_AGENT_HOST": "127.0.0.1"})
+    assert "resolves to 127.0.0.1" in ok.stdout
+
+
+def test_print_metrics_shows_what_the_program_sent(tmp_path, http_server):
+    app = write(
+        tmp_path / "app.py",
+        f"""
+        import requests, agent
+        requests.get({http_server.url + "/status/503"!r})
+        with agent.timed("work"):
+            pass
+        raise SystemExit(3)
+        """,
+    )
+    proc = talisker_run("--print-metrics", sys.executable, str(app))
+    assert proc.returncode == 3
+    table = proc.stderr
+    assert "metric" in table and "p95" in table
+    assert "talisker.requests.count" in table and "status:503" in table
+    assert "talisker.requests.errors" in table and "code:503" in table
+    assert "talisker.work.latency" in table
+
+
+def test_a_process_using_nothing_instrumented_starts_no_thread():
+    proc = talisker_run(sys.executable, "-c", "import sys; print('threading' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+# -- gunicorn ------------------------------------------------------------------------
+
+FLASK_APP = """
+import flask
+import agent
+
+app = flask.Flask(__name__)
+UPSTREAM = {upstream!r}
+
+@app.route("/hello")
+def hello():
+    session = flask.request.environ["requests"]
+    assert session is agent.get_session()
+    return session.get(UPSTREAM + "/upstream").text
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gunicorn_with_two_workers_serving_flask(tmp_path, statsd, http_server):
+    write(tmp_path / "webapp.py", FLASK_APP.format(upstream=http_server.url))
+    port = free_port()
+    env = clean_env(
+        **statsd.env,
+        PYTHONPATH=str(tmp_path),
+        TALISKER_RUNTIME_METRICS_INTERVAL="0.3",
+        TALISKER_METRICS_FLUSH_INTERVAL="0.2",
+        PATH=f"{BIN}:{clean_env()['PATH']}",
+    )
+    server = subprocess.Popen(
+        [TALISKER_RUN, "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "webapp:app"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/hello"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/nothing", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "gunicorn did not start"
+                assert server.poll() is None, server.stdout.read() if server.stdout else ""
+                time.sleep(0.2)
+        http_server.requests.clear()
+        incoming = (datetime.now(timezone.utc) + timedelta(seconds=5)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%f"
+        )[:-3] + "Z"
+        headers = {"X-Request-Id": "abc-123", "X-Request-Deadline": incoming}
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: requests.get(url, headers=headers), range(40)))
+        time.sleep(1.0)  # both workers report process CPU at least once
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=30)[0]
+    assert all(r.status_code == 200 for r in responses), output
+    assert all(r.headers["X-Request-Id"] == "abc-123" for r in responses)
+    assert all(r.headers["X-View-Name"] == "hello" for r in responses)
+    upstream = http_server.requests
+    assert len(upstream) == 40
+    assert all(r.header("X-Request-Id") == "abc-123" for r in upstream)
+    assert all(r.header("X-Request-Deadline") <= incoming for r in upstream)
+    assert statsd.wait_total("talisker.wsgi.requests", 40, view="hello") == 40
+    assert len(statsd.samples("talisker.wsgi.cpu", view="hello")) == 40
+    assert statsd.total("talisker.requests.count", view="unknown") == 40
+    cpu_senders = {m.sender for m in statsd.find("talisker.process.cpu.user")}
+    wsgi_senders = {m.sender for m in statsd.find("talisker.wsgi.requests")}
+    assert len(wsgi_senders) == 2, "both workers served requests"
+    assert wsgi_senders <= cpu_senders, "each worker sends process.cpu.*"
+    assert statsd.find("talisker.process.cpu.system") and statsd.find(
+        "talisker.process.cpu.percent"
+    )

@@ -1,0 +1,107 @@
+"""agent.timed and process CPU metrics."""
+
+from __future__ import annotations
+
+import time
+
+import agent
+from tests.support.proc import run_python
+
+
+def burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_timed_as_a_context_manager(install_agent, statsd):
+    install_agent()
+    with agent.timed("billing.invoice", tags={"kind": "monthly"}):
+        burn(0.03)
+        time.sleep(0.05)
+    assert agent.flush(5)
+    statsd.wait_for(lambda: statsd.find("talisker.billing.invoice.cpu"))
+    (latency,) = statsd.find("talisker.billing.invoice.latency", kind="monthly")
+    (cpu,) = statsd.find("talisker.billing.invoice.cpu", kind="monthly")
+    assert latency.type == cpu.type == "d"
+    assert latency.value >= 80
+    assert 25 <= cpu.value < 70  # the sleep is not CPU
+
+
+def test_timed_as_a_decorator_with_tag_strings(install_agent, statsd):
+    install_agent()
+
+    @agent.timed("jobs.run", tags=["queue:high"])
+    def job(n: int) -> int:
+        return n * 2
+
+    assert job(21) == 42
+    assert job(1) == 2
+    assert agent.flush(5)
+    statsd.wait_for(lambda: len(statsd.samples("talisker.jobs.run.latency")) >= 2)
+    assert len(statsd.samples("talisker.jobs.run.latency", queue="high")) == 2
+    assert len(statsd.samples("talisker.jobs.run.cpu", queue="high")) == 2
+
+
+def test_timed_records_when_the_block_raises(install_agent, statsd):
+    install_agent()
+    try:
+        with agent.timed("failing"):
+            raise KeyError("x")
+    except KeyError:
+        pass
+    assert agent.flush(5)
+    assert statsd.wait_for(lambda: statsd.find("talisker.failing.latency"))
+
+
+PROCESS_CPU = """
+import os, time
+import agent
+from agent import metrics
+agent.install()
+def burn(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+metrics.count("start", 1)      # the first metric starts the reporter
+burn(0.6)
+pid = os.fork()
+if pid == 0:
+    time.sleep(0.7)            # the child only waits: its CPU is near zero
+    agent.flush(3)
+    os._exit(0)
+burn(0.2)
+os.waitpid(pid, 0)
+time.sleep(0.3)
+agent.flush(3)
+"""
+
+
+def test_process_cpu_per_interval_and_a_child_reports_only_its_own(statsd):
+    proc = run_python(PROCESS_CPU, {**statsd.env, "TALISKER_RUNTIME_METRICS_INTERVAL": "0.2"})
+    assert proc.returncode == 0, proc.stderr
+    statsd.wait_for(lambda: len({m.sender for m in statsd.find("talisker.process.cpu.user")}) >= 2)
+    by_sender: dict[object, float] = {}
+    for m in statsd.find("talisker.process.cpu.user") + statsd.find("talisker.process.cpu.system"):
+        by_sender[m.sender] = by_sender.get(m.sender, 0) + m.value
+    assert len(by_sender) == 2
+    parent_ms, child_ms = sorted(by_sender.values(), reverse=True)
+    assert parent_ms >= 600
+    assert child_ms < 200  # not the parent's 600 ms again
+    percents = [m.value for m in statsd.find("talisker.process.cpu.percent")]
+    assert (
+        percents
+        and max(percents) > 50
+        and all(m.type == "g" for m in statsd.find("talisker.process.cpu.percent"))
+    )
+
+
+def test_runtime_metrics_can_be_turned_off(statsd):
+    code = (
+        "import time, agent\nfrom agent import metrics\n"
+        "agent.install()\nmetrics.count('x')\ntime.sleep(0.5)\n"
+    )
+    proc = run_python(code, {**statsd.env, "TALISKER_RUNTIME_METRICS_INTERVAL": "0"})
+    assert proc.returncode == 0, proc.stderr
+    statsd.wait_for(lambda: statsd.find("talisker.x"))
+    assert not statsd.find("talisker.process.cpu.user")

@@ -1,0 +1,406 @@
+"""The server side: WSGI middleware and Flask, served by a real WSGI server on loopback."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import flask
+import pytest
+import requests
+
+import agent
+from agent import context
+from agent.wsgi import TaliskerMiddleware, current_request, parse_deadline
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+class _ThreadedServer(WSGIServer):
+    daemon_threads = True
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """Serve ``app`` on loopback in a thread; yields the base URL."""
+    server = make_server("127.0.0.1", 0, app, handler_class=_Quiet)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def sent(statsd, name="talisker.wsgi.requests", at_least=1):
+    assert agent.flush(5)
+    statsd.wait_for(lambda: statsd.total(name) >= at_least, 3)
+
+
+class Recorder:
+    """A WSGI app that records what it saw of the agent, and how often it ran."""
+
+    def __init__(self, status="200 OK", body=(b"ok",), raise_error=None):
+        self.status = status
+        self.body = body
+        self.raise_error = raise_error
+        self.calls = 0
+        self.seen: dict = {}
+
+    def __call__(self, environ, start_response):
+        self.calls += 1
+        scope = context.current()
+        self.seen = {
+            "request_id": scope.request_id,
+            "deadline": scope.deadline.remaining() if scope.deadline else None,
+            "environ_id": environ.get("REQUEST_ID"),
+            "session": environ.get("requests"),
+        }
+        if self.raise_error is not None:
+            raise self.raise_error
+        start_response(self.status, [("Content-Type", "text/plain")])
+        return list(self.body)
+
+
+# -- request ids -----------------------------------------------------------------
+
+
+def test_an_incoming_request_id_is_reused_and_returned(install_agent):
+    install_agent()
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        response = requests.get(url, headers={"X-Request-Id": "abc-123"})
+    assert app.seen["request_id"] == "abc-123"
+    assert app.seen["environ_id"] == "abc-123"
+    assert response.headers["X-Request-Id"] == "abc-123"
+
+
+def test_without_an_incoming_id_a_new_one_is_made(install_agent):
+    install_agent()
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        first = requests.get(url).headers["X-Request-Id"]
+        second = requests.get(url).headers["X-Request-Id"]
+    assert len(first) == 32 and first != second
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 201, "é-accent", ""])
+def test_an_unusable_incoming_id_is_replaced(install_agent, caplog, bad):
+    install_agent(TALISKER_LOG_LEVEL="DEBUG")
+    app = Recorder()
+    with caplog.at_level(logging.DEBUG, logger="agent"), serve(TaliskerMiddleware(app)) as url:
+        response = requests.get(url, headers={"X-Request-Id": bad.encode("utf-8")})
+    assert response.status_code == 200
+    assert app.seen["request_id"] != bad and len(app.seen["request_id"]) == 32
+
+
+def test_ids_can_be_composed_as_talisker_does(install_agent):
+    install_agent(TALISKER_COMPOSE_REQUEST_ID="true")
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        requests.get(url, headers={"X-Request-Id": "upstream-1"})
+    new, _, incoming = app.seen["request_id"].partition("-")
+    assert len(new) == 32 and incoming == "upstream-1"
+
+
+# -- deadlines -------------------------------------------------------------------
+
+
+def iso(delta: float, fmt: str = "%Y-%m-%dT%H:%M:%S.%fZ", tz=timezone.utc) -> str:
+    return (datetime.now(tz) + timedelta(seconds=delta)).strftime(fmt)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        lambda: iso(5)[:-4] + "Z",  # milliseconds
+        lambda: iso(5, "%Y-%m-%dT%H:%M:%SZ"),  # no fraction
+        lambda: iso(5, "%Y-%m-%dT%H:%M:%S.%f+02:00", timezone(timedelta(hours=2))),  # offset
+        lambda: iso(5, "%Y-%m-%dT%H:%M:%S-0500", timezone(timedelta(hours=-5))),  # offset, no colon
+    ],
+)
+def test_the_incoming_deadline_header_is_parsed(install_agent, header):
+    install_agent()
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        requests.get(url, headers={"X-Request-Deadline": header()})
+    assert 3.5 < app.seen["deadline"] <= 5.1
+
+
+@pytest.mark.parametrize(
+    "garbage", ["tomorrow", "2026-13-45T99:00:00Z", "2026-11-21T05:12:33", "1e9"]
+)
+def test_a_garbage_deadline_is_ignored(install_agent, garbage):
+    install_agent()
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        assert requests.get(url, headers={"X-Request-Deadline": garbage}).status_code == 200
+    assert app.seen["deadline"] is None
+
+
+def test_the_earliest_of_header_timeout_setting_and_view_wins(install_agent):
+    install_agent(TALISKER_REQUEST_TIMEOUT="8000")
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        requests.get(url)
+        assert 7.5 < app.seen["deadline"] <= 8
+        requests.get(url, headers={"X-Request-Deadline": iso(4)})
+        assert 3.5 < app.seen["deadline"] <= 4
+        requests.get(url, headers={"X-Request-Deadline": iso(4), "X-Request-Timeout": "2.5"})
+        assert 2 < app.seen["deadline"] <= 2.5
+
+    @agent.request_timeout(timeout_ms=1000)
+    def view(environ, start_response):
+        start_response("200 OK", [])
+        return [str(agent.deadline_timeout()).encode()]
+
+    with serve(TaliskerMiddleware(view)) as url:
+        assert 0.5 < float(requests.get(url).text) <= 1.0
+
+
+def test_outgoing_calls_carry_a_deadline_no_later_than_the_incoming_one(install_agent, http_server):
+    install_agent()
+    incoming = iso(5)[:-4] + "Z"
+
+    def app(environ, start_response):
+        requests.get(http_server.url + "/upstream")
+        start_response("200 OK", [])
+        return [b""]
+
+    with serve(TaliskerMiddleware(app)) as url:
+        requests.get(url, headers={"X-Request-Id": "abc-123", "X-Request-Deadline": incoming})
+    (upstream,) = http_server.requests
+    assert upstream.header("X-Request-Id") == "abc-123"
+    assert upstream.header("X-Request-Deadline") <= incoming
+
+
+# -- what the application sees -----------------------------------------------------
+
+
+def test_environ_requests_is_the_threads_session(install_agent):
+    install_agent()
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        requests.get(url)
+    assert isinstance(app.seen["session"], requests.Session)
+
+
+def test_an_exception_propagates_unchanged_and_the_app_runs_once(install_agent, statsd):
+    install_agent()
+    error = ValueError("boom")
+    app = Recorder(raise_error=error)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.input": None}
+    with pytest.raises(ValueError) as caught:
+        TaliskerMiddleware(app)(environ, lambda *a: None)
+    assert caught.value is error
+    assert app.calls == 1
+    sent(statsd)
+    assert statsd.total("talisker.wsgi.errors", status="500") == 1
+
+
+def test_the_scope_covers_a_streamed_body_and_is_gone_after(install_agent, statsd):
+    install_agent()
+    seen_during_body = []
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            for i in range(3):
+                time.sleep(0.05)
+                seen_during_body.append(context.current().request_id)
+                yield f"{i}\n".encode()
+
+        return body()
+
+    with serve(TaliskerMiddleware(app)) as url:
+        response = requests.get(url, headers={"X-Request-Id": "streamed"})
+    assert response.text == "0\n1\n2\n"
+    assert seen_during_body == ["streamed"] * 3
+    assert context.current().request_id is None
+    sent(statsd)
+    (latency,) = statsd.samples("talisker.wsgi.latency")
+    assert latency >= 150  # until the whole body was sent and close() called
+
+
+def test_metrics_of_incoming_requests(install_agent, statsd):
+    install_agent()
+    with (
+        serve(TaliskerMiddleware(Recorder())) as ok,
+        serve(TaliskerMiddleware(Recorder("503 Unavailable"))) as bad,
+    ):
+        for _ in range(3):
+            requests.get(ok)
+        requests.post(bad, data=b"x")
+    sent(statsd, at_least=4)
+    assert statsd.total("talisker.wsgi.requests", method="GET", status="200", view="unknown") == 3
+    assert statsd.total("talisker.wsgi.requests", method="POST", status="503") == 1
+    assert statsd.total("talisker.wsgi.errors") == 1
+    assert len(statsd.samples("talisker.wsgi.latency")) == 4
+    assert len(statsd.samples("talisker.wsgi.cpu")) == 4
+
+
+def test_cpu_is_the_handling_threads_cpu(install_agent, statsd):
+    install_agent()
+
+    def app(environ, start_response):
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        time.sleep(0.1)  # waiting is not CPU
+        start_response("200 OK", [])
+        return [b""]
+
+    with serve(TaliskerMiddleware(app)) as url:
+        requests.get(url)
+    sent(statsd)
+    (cpu,) = statsd.samples("talisker.wsgi.cpu")
+    (latency,) = statsd.samples("talisker.wsgi.latency")
+    assert 45 <= cpu <= 100
+    assert latency >= 150
+
+
+def test_a_soft_timeout_warns_once_with_the_request_id_and_counts(install_agent, statsd, caplog):
+    install_agent(TALISKER_SOFT_REQUEST_TIMEOUT="50")
+
+    def slow(environ, start_response):
+        time.sleep(0.1)
+        start_response("200 OK", [])
+        return [b""]
+
+    @agent.request_timeout(soft_timeout_ms=500)
+    def lenient(environ, start_response):
+        time.sleep(0.1)
+        start_response("200 OK", [])
+        return [b""]
+
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        with serve(TaliskerMiddleware(slow)) as url:
+            requests.get(url, headers={"X-Request-Id": "slow-1"})
+        with serve(TaliskerMiddleware(lenient)) as url:
+            requests.get(url, headers={"X-Request-Id": "fast-enough"})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "agent"]
+    assert len(warnings) == 1 and "slow-1" in warnings[0]
+    sent(statsd, "talisker.wsgi.soft_timeouts")
+    assert statsd.total("talisker.wsgi.soft_timeouts") == 1
+
+
+def test_the_view_name_comes_from_the_app(install_agent, statsd):
+    install_agent()
+
+    def named(environ, start_response):
+        environ["talisker.view"] = "users.show"
+        start_response("200 OK", [])
+        return [b""]
+
+    def self_named(environ, start_response):
+        start_response("200 OK", [("X-View-Name", "orders.list")])
+        return [b""]
+
+    with serve(TaliskerMiddleware(named)) as a, serve(TaliskerMiddleware(self_named)) as b:
+        assert requests.get(a).headers["X-View-Name"] == "users.show"
+        assert requests.get(b).headers["X-View-Name"] == "orders.list"
+    sent(statsd, at_least=2)
+    assert statsd.total("talisker.wsgi.requests", view="users.show") == 1
+    assert statsd.total("talisker.wsgi.requests", view="orders.list") == 1
+
+
+def test_uninstalled_the_middleware_passes_through(install_agent):
+    install_agent()
+    agent.uninstall()
+    app = Recorder()
+    with serve(TaliskerMiddleware(app)) as url:
+        response = requests.get(url, headers={"X-Request-Id": "abc"})
+    assert "X-Request-Id" not in response.headers
+    assert app.seen["request_id"] is None
+
+
+# -- Flask -------------------------------------------------------------------------
+
+
+def flask_app() -> flask.Flask:
+    app = flask.Flask("demo")
+
+    @app.route("/users/<int:user_id>")
+    def show_user(user_id: int):
+        request = current_request()
+        return {
+            "id": user_id,
+            "request_id": context.current().request_id,
+            "view": request and request.view,
+        }
+
+    @app.route("/fail")
+    def fail():
+        raise RuntimeError("view failed")
+
+    @app.route("/timeout")
+    @agent.request_timeout(timeout_ms=700)
+    def with_timeout():
+        return str(agent.deadline_timeout())
+
+    return app
+
+
+def test_flask_is_instrumented_without_code_changes(install_agent, statsd):
+    install_agent()
+    with serve(flask_app()) as url:
+        response = requests.get(url + "/users/7", headers={"X-Request-Id": "flask-1"})
+        failed = requests.get(url + "/fail")
+        timeout = float(requests.get(url + "/timeout").text)
+    assert response.json()["request_id"] == "flask-1"
+    assert response.headers["X-Request-Id"] == "flask-1"
+    assert response.headers["X-View-Name"] == "show_user"
+    assert failed.status_code == 500
+    assert 0.5 < timeout <= 0.7
+    sent(statsd, at_least=3)
+    assert statsd.total("talisker.wsgi.requests", view="show_user", status="200") == 1
+    assert statsd.total("talisker.wsgi.errors", view="fail", status="500") == 1
+
+
+def test_flask_wrapped_by_hand_is_counted_once(install_agent, statsd):
+    install_agent()
+    app = flask_app()
+    app.wsgi_app = TaliskerMiddleware(app.wsgi_app)
+    with serve(app) as url:
+        response = requests.get(url + "/users/1")
+    assert response.headers["X-View-Name"] == "show_user"
+    sent(statsd)
+    time.sleep(0.2)
+    assert statsd.total("talisker.wsgi.requests") == 1
+    assert statsd.total("talisker.wsgi.requests", view="show_user") == 1
+
+
+# -- parsing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-11-21T05:12:33.123Z", 1795238753.123),
+        ("2026-11-21T05:12:33Z", 1795238753.0),
+        ("2026-11-21T07:12:33.5+02:00", 1795238753.5),
+        ("2026-11-21T00:12:33-0500", 1795238753.0),
+        ("2026-11-21 05:12:33z", 1795238753.0),
+    ],
+)
+def test_parse_deadline(value, expected):
+    assert parse_deadline(value) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "2026-11-21T05:12:33", "2026-11-21", "now", "2026-02-30T00:00:00Z x"]
+)
+def test_parse_deadline_rejects(value):
+    assert parse_deadline(value) is None
