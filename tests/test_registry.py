@@ -22,6 +22,7 @@ TARGETS = {
         ("requests.sessions", "Session", "request"),
     ],
     "psycopg2": [("psycopg2", None, "connect")],
+    "flask": [("flask.app", "Flask", "wsgi_app")],
 }
 
 # A snippet that prints, as JSON, for each patch point: whether it is ours and
@@ -112,7 +113,7 @@ def test_install_twice_wraps_once_and_uninstall_restores_originals():
         """
 import agent
 agent.uninstall()
-import urllib3, requests, psycopg2
+import urllib3, requests, psycopg2, flask
 originals = current()
 agent.install()
 agent.install()
