@@ -70,7 +70,12 @@ class _HookingLoader:
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
-        self._hook(module)
+        try:
+            self._hook(module)
+        except Exception:  # an import must never fail because of the agent
+            from agent._log import log_once
+
+            log_once(f"hook:{module.__name__}", "agent: post-import hook failed", exc_info=True)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)

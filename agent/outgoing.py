@@ -100,17 +100,6 @@ def begin(method: str) -> Call:
     )
 
 
-def check_deadline(call: Call) -> float | None:
-    """Seconds left before the call's deadline (``None`` without one); raise once passed."""
-    deadline = call.deadline
-    if deadline is None:
-        return None
-    left = deadline.expires - _monotonic()
-    if left <= 0:
-        raise DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; request not sent")
-    return left
-
-
 def attempt_headers(headers: Any, call: Call, cfg: Config, copy_mapping: Any = None) -> Any:
     """A copy of ``headers`` with the request id and deadline headers added.
 

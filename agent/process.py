@@ -64,16 +64,21 @@ def _report(stop_event: threading.Event, interval: float) -> None:
     last = os.times()
     last_wall = time.monotonic()
     while not stop_event.wait(interval):
-        now = os.times()
-        wall = time.monotonic()
-        user_ms = (now.user - last.user) * 1000.0
-        system_ms = (now.system - last.system) * 1000.0
-        elapsed_ms = (wall - last_wall) * 1000.0
-        metrics.count("process.cpu.user", user_ms)
-        metrics.count("process.cpu.system", system_ms)
-        if elapsed_ms > 0:
-            metrics.gauge("process.cpu.percent", 100.0 * (user_ms + system_ms) / elapsed_ms)
-        last, last_wall = now, wall
+        try:
+            now = os.times()
+            wall = time.monotonic()
+            user_ms = (now.user - last.user) * 1000.0
+            system_ms = (now.system - last.system) * 1000.0
+            elapsed_ms = (wall - last_wall) * 1000.0
+            metrics.count("process.cpu.user", user_ms)
+            metrics.count("process.cpu.system", system_ms)
+            if elapsed_ms > 0:
+                metrics.gauge("process.cpu.percent", 100.0 * (user_ms + system_ms) / elapsed_ms)
+            last, last_wall = now, wall
+        except Exception:
+            from agent._log import log_once
+
+            log_once("process-cpu", "agent: reading process CPU failed", exc_info=True)
 
 
 def _after_fork_in_child() -> None:

@@ -81,17 +81,6 @@ def installed() -> bool:
     return _finder is not None
 
 
-def active_names() -> frozenset[str]:
-    """The instrumentations the installed registry puts in."""
-    return _enabled
-
-
-def applied() -> list[str]:
-    """``module:path`` of every patch currently in place."""
-    with _lock:
-        return [f"{m}:{p}" for m, p in _applied]
-
-
 def install(config: Config) -> None:
     """Watch the targets of every enabled instrumentation; patch those already imported."""
     global _finder, _config, _enabled

@@ -115,13 +115,21 @@ def finish(
     error: BaseException | None = None,
     deadline_bound: bool = False,
 ) -> None:
-    """Record one query (or a failed connect); tags are built in the metrics thread."""
-    elapsed_ms = (_perf_counter() - start) * 1000.0
-    if error is None:
-        metrics.record_deferred(expand_queries, (peer, db, op, elapsed_ms, None, None))
-    else:
-        kind, code = classify_error(error, deadline_bound)
-        metrics.record_deferred(expand_queries, (peer, db, op, elapsed_ms, kind, code))
+    """Record one query (or a failed connect); tags are built in the metrics thread.
+
+    Never raises: it runs inside the application's own exception handling.
+    """
+    try:
+        elapsed_ms = (_perf_counter() - start) * 1000.0
+        if error is None:
+            metrics.record_deferred(expand_queries, (peer, db, op, elapsed_ms, None, None))
+        else:
+            kind, code = classify_error(error, deadline_bound)
+            metrics.record_deferred(expand_queries, (peer, db, op, elapsed_ms, kind, code))
+    except Exception:
+        from agent._log import log_once
+
+        log_once("sql-record", "agent: recording a query failed", exc_info=True)
 
 
 def expand_queries(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:

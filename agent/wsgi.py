@@ -168,14 +168,15 @@ class _Body:
                 close()
         finally:
             _finish(self._request)
-            _leave(self._tokens)
+            tokens, self._tokens = self._tokens, ()  # a second close() changes nothing
+            _leave(tokens)
 
 
 def _leave(tokens: tuple[Token[Any], ...]) -> None:
     try:
         for token in reversed(tokens):
             token.var.reset(token)
-    except ValueError:  # closed from another context than it was called in
+    except (ValueError, RuntimeError):  # closed from another context than it was called in
         context._scope.set(context.EMPTY)
         _request.set(None)
 

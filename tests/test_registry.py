@@ -183,3 +183,21 @@ def test_importing_the_agent_with_targets_loaded_never_imports_wrapt_eagerly():
         {"TALISKER_ENABLED": "true"},
     )
     assert out.strip() == "False"
+
+
+def test_a_failing_post_import_hook_never_fails_the_import():
+    proc = run_python(
+        """
+        import agent
+        from agent import registry
+        def broken(module):
+            raise RuntimeError("agent bug")
+        registry._finder.hook = broken
+        import urllib3
+        print("imported", urllib3.__name__)
+        """,
+        ENV,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "imported urllib3"
+    assert "agent: post-import hook failed" in proc.stderr

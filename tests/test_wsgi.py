@@ -404,3 +404,16 @@ def test_parse_deadline(value, expected):
 )
 def test_parse_deadline_rejects(value):
     assert parse_deadline(value) is None
+
+
+def test_closing_a_response_twice_is_harmless(install_agent, statsd):
+    install_agent()
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_X_REQUEST_ID": "twice"}
+    body = TaliskerMiddleware(Recorder())(environ, lambda *a: None)
+    assert context.current().request_id == "twice"
+    assert list(body) == [b"ok"]
+    body.close()
+    body.close()
+    assert context.current().request_id is None
+    sent(statsd)
+    assert statsd.total("talisker.wsgi.requests") == 1

@@ -20,11 +20,15 @@ def _activate() -> None:
 
 
 def _run_users_sitecustomize() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    from importlib.machinery import PathFinder
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+        from importlib.machinery import PathFinder
 
-    spec = PathFinder.find_spec("sitecustomize", path)
+        spec = PathFinder.find_spec("sitecustomize", path)
+    except Exception as exc:
+        sys.stderr.write(f"talisker-run: looking for your sitecustomize failed: {exc}\n")
+        return
     if spec is None or spec.loader is None:
         return
     from importlib.util import module_from_spec

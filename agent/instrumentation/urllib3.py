@@ -73,18 +73,8 @@ def urlopen_wrapper(
     call = _current_call()
     if call is not None:
         return _attempt(wrapped, pool, args, kwargs, cfg, call)
-    try:
-        scope = _current_scope()
-        method = args[0] if args else kwargs.get("method", "GET")
-        call = _Call(
-            scope.request_id or _new_request_id(),
-            scope.deadline,
-            method.upper(),
-            scope.view,
-            scope.peer,
-        )
-    except Exception:
-        _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
+    call = _begin(args, kwargs)
+    if call is None:
         return wrapped(*args, **kwargs)
     token = _enter(call)
     try:
@@ -104,10 +94,8 @@ def poolmanager_wrapper(
     """Around ``PoolManager.urlopen``: the record of a call that may cross pools."""
     if config.current is None or _current_call() is not None:
         return wrapped(*args, **kwargs)
-    try:
-        call = outgoing.begin(args[0] if args else kwargs.get("method", "GET"))
-    except Exception:
-        _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
+    call = _begin(args, kwargs)
+    if call is None:
         return wrapped(*args, **kwargs)
     token = _enter(call)
     try:
@@ -121,6 +109,23 @@ def poolmanager_wrapper(
         _end(token)
     _finish(call, response, None)
     return response
+
+
+def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> outgoing.Call | None:
+    """A new logical request from ``urlopen(method, url, ...)`` arguments (None on failure)."""
+    try:
+        scope = _current_scope()
+        method = args[0] if args else kwargs.get("method", "GET")
+        return _Call(
+            scope.request_id or _new_request_id(),
+            scope.deadline,
+            method.upper(),
+            scope.view,
+            scope.peer,
+        )
+    except Exception:
+        _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
+        return None
 
 
 def _attempt(
