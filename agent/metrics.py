@@ -43,11 +43,6 @@ else:
 __all__ = ["configure", "count", "flush", "gauge", "timing"]
 
 COUNT, GAUGE, TIMING = 0, 1, 2
-#: A record the metrics thread expands: ``(EXPAND, expand, payload, ())``. Once
-#: per flush, ``expand(payloads)`` gets every payload recorded with it and returns
-#: ``(kind, name, value, tags)`` records (a timing's value may be a list of
-#: samples). Lets a hot path hand over one tuple and leave tags to the background.
-EXPAND = 3
 
 #: Most metric records waiting for the background thread; past it the oldest
 #: are dropped, so a stuck destination cannot grow memory without bound.
@@ -77,14 +72,20 @@ def record(kind: int, name: str, value: float, tags: Tags = ()) -> None:
 def record_deferred(expand: Callable[[list[Any]], Iterable[Record]], payload: Any) -> None:
     """Record ``payload``; the metrics thread turns it into metrics with ``expand``.
 
-    ``expand`` runs in the background thread, once per flush with all the
-    payloads recorded for it; what it raises is logged once and they are dropped.
+    Lets a hot path hand over one tuple and leave building tags to the metrics
+    thread. Each ``expand`` has its own queue; once per flush it gets every
+    payload recorded for it and returns ``(kind, name, value, tags)`` records (a
+    timing's value may be a list of samples). What it raises is logged once and
+    those payloads are dropped.
     """
     p = _pipeline
     if p is not None:
         if p.thread is None:
             p.start()
-        p.queue.append((EXPAND, expand, payload, ()))  # type: ignore[arg-type]
+        queue = p.deferred.get(expand)
+        if queue is None:
+            queue = p.deferred.setdefault(expand, deque(maxlen=QUEUE_LIMIT))
+        queue.append(payload)
 
 
 def count(name: str, value: float = 1, tags: Tags = ()) -> None:
@@ -152,6 +153,7 @@ class Pipeline:
         self.config = config
         self.interval = config.flush_interval
         self.queue: deque[tuple[int, str, float, Tags]] = deque(maxlen=QUEUE_LIMIT)
+        self.deferred: dict[Any, deque[Any]] = {}  # expand -> its payloads
         self.thread: threading.Thread | None = None
         self.tags = TagRules(config.max_tag_values)
         self._start_lock = allocate_lock()
@@ -195,7 +197,7 @@ class Pipeline:
 
         thread, cond = self.thread, self._cond
         if thread is None or cond is None:
-            if not self.queue:
+            if not self.queue and not any(self.deferred.values()):
                 return True
             self.start()
             thread, cond = self.thread, self._cond
@@ -222,6 +224,7 @@ class Pipeline:
     def reset_after_fork(self) -> None:
         """In a forked child: forget the parent's queue, thread and socket."""
         self.queue = deque(maxlen=QUEUE_LIMIT)
+        self.deferred = {}
         self.thread = None
         self._cond = None
         self._start_lock = allocate_lock()
@@ -251,7 +254,7 @@ class Pipeline:
 
     def send_pending(self) -> None:
         """Drain the queue, aggregate, sanitise and send (background thread)."""
-        batch = self.aggregate(self._drain())
+        batch = self.aggregate(self._drain(), self._drain_deferred())
         if batch.empty():
             return
         if self._sender is None:
@@ -269,7 +272,20 @@ class Pipeline:
             except IndexError:  # pragma: no cover - only this thread pops
                 return
 
-    def aggregate(self, items: Iterable[tuple[int, Any, Any, Tags]]) -> Batch:
+    def _drain_deferred(self) -> dict[Any, list[Any]]:
+        drained = {}
+        for expand, queue in list(self.deferred.items()):
+            pop = queue.popleft
+            payloads = [pop() for _ in range(len(queue))]
+            if payloads:
+                drained[expand] = payloads
+        return drained
+
+    def aggregate(
+        self,
+        items: Iterable[tuple[int, Any, Any, Tags]],
+        deferred: dict[Any, list[Any]] | None = None,
+    ) -> Batch:
         """Sum counts, keep last gauges, collect timing samples, per sanitised context.
 
         Aggregates on the raw ``(name, tags)`` first (one hash per record), then
@@ -280,18 +296,10 @@ class Pipeline:
         counts: dict[tuple[str, Tags], float] = {}
         gauges: dict[tuple[str, Tags], float] = {}
         timings: dict[tuple[str, Tags], list[float]] = {}
-        deferred: dict[Any, list[Any]] = {}
         add = self._add
         for kind, name, value, tags in items:
-            if kind == EXPAND:
-                payloads = deferred.get(name)
-                if payloads is None:
-                    deferred[name] = [value]
-                else:
-                    payloads.append(value)
-            else:
-                add(counts, gauges, timings, kind, name, value, tags)
-        for expand, payloads in deferred.items():
+            add(counts, gauges, timings, kind, name, value, tags)
+        for expand, payloads in (deferred or {}).items():
             try:
                 for kind, name, value, tags in expand(payloads):
                     add(counts, gauges, timings, kind, name, value, tags)

@@ -116,12 +116,22 @@ def _peer_from_url(url: Any) -> str | None:
         return None
 
 
+def _view_header(headers: Any) -> str | None:
+    store = getattr(headers, "_store", None)  # CaseInsensitiveDict's {lower: (name, value)}
+    if type(store) is dict:
+        item = store.get("x-view-name")
+        return item[1] if item else None
+    value: str | None = headers.get(outgoing.VIEW_HEADER)
+    return value
+
+
 def _finish(call: outgoing.Call, request: Any, response: Any, error: BaseException | None) -> None:
     try:
         status = view = None
         if response is not None:
             status = response.status_code
-            view = response.headers.get(outgoing.VIEW_HEADER)
+            if call.view is None:
+                view = _view_header(response.headers)
         elif call.peer is None:
             call.peer = _peer_from_url(getattr(request, "url", None))
         outgoing.finish(call, status, view, error)
