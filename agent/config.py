@@ -577,6 +577,17 @@ current: Config | None = None
 SETTINGS: tuple[Setting, ...] = tuple(v for v in vars(Config).values() if isinstance(v, Setting))
 
 
+def redact(raw: str) -> str:
+    """A value as it may be shown in a message: URL user info replaced by ``***``."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        return raw
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return raw
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Config:
     """Read every setting from ``environ`` (default ``os.environ``).
 
@@ -598,13 +609,14 @@ def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Conf
             values[s.attr], sources[s.attr] = s.parse(raw), "env"
         except InvalidValue as exc:
             used = s.default if exc.salvaged is None else exc.salvaged
+            shown = redact(raw)  # never a password in a log line
             message = (
-                f"agent: {s.env}={raw!r} is not valid (expected {exc.expected}); "
+                f"agent: {s.env}={shown!r} is not valid (expected {exc.expected}); "
                 f"using {describe(used)!r} instead"
             )
             if strict:
                 raise ConfigError(
-                    s.env, f"{s.env}={raw!r} is not valid: expected {exc.expected}"
+                    s.env, f"{s.env}={shown!r} is not valid: expected {exc.expected}"
                 ) from None
             values[s.attr], sources[s.attr] = used, "invalid"
             problems.append(message)

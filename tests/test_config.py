@@ -185,3 +185,14 @@ def test_docs_configuration_table_matches_the_declarations():
         "docs/configuration.md is out of date: regenerate the table with "
         "`python -c 'import agent.config as c; print(c.markdown_table())'`"
     )
+
+
+def test_a_bad_url_setting_never_shows_its_password(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        load({"STATSD_DSN": "http://bob:s3cret@statsd:8125/app"})
+    (record,) = [r for r in caplog.records if r.name == "agent"]
+    assert "s3cret" not in record.getMessage() and "bob" not in record.getMessage()
+    assert "http://***@statsd:8125/app" in record.getMessage()
+    with pytest.raises(ConfigError) as info:
+        load({"DD_DOGSTATSD_URL": "tcp://bob:s3cret@x:1"}, strict=True)
+    assert "s3cret" not in str(info.value)
