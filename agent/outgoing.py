@@ -19,7 +19,7 @@ import socket
 import time
 from contextvars import ContextVar
 
-from agent import context, metrics
+from agent import context, metrics, naming
 from agent.context import DeadlineExceeded
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
@@ -98,6 +98,37 @@ def begin(method: str) -> Call:
         scope.view,
         scope.peer,
     )
+
+
+def peer_from_url(url: Any) -> str | None:
+    """The ``peer`` of a URL (host and port only: never user info or path), or None."""
+    try:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(str(url))
+        if not parts.hostname:
+            return None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return naming.peer_name(parts.hostname, port)
+    except Exception:
+        return None
+
+
+def view_header(headers: Any) -> str | None:
+    """The response's ``X-View-Name``, read from the mapping's own lower-cased store.
+
+    requests' CaseInsensitiveDict keeps ``{name: (Name, value)}`` in ``_store``,
+    urllib3's HTTPHeaderDict ``{name: [Name, value, ...]}`` in ``_container``:
+    several times cheaper than their Python-level ``get``, which is the fallback.
+    """
+    store = getattr(headers, "_store", None)
+    if type(store) is not dict:
+        store = getattr(headers, "_container", None)
+    if type(store) is dict:
+        item = store.get("x-view-name")
+        return item[-1] if item else None
+    value: str | None = headers.get(VIEW_HEADER)
+    return value
 
 
 def attempt_headers(headers: Any, call: Call, cfg: Config, copy_mapping: Any = None) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import Timeout as RequestsTimeout
 
-from agent import _log, config, context, naming, outgoing
+from agent import _log, config, context, outgoing
 from agent.registry import Patch
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
@@ -87,7 +87,7 @@ def _check_deadline(call: outgoing.Call, request: Any) -> None:
     deadline = call.deadline
     if deadline is not None and deadline.expired():
         if call.peer is None:
-            call.peer = _peer_from_url(getattr(request, "url", None))
+            call.peer = outgoing.peer_from_url(getattr(request, "url", None))
         raise DeadlineExceeded(
             f"deadline exceeded {-deadline.remaining():.3f}s ago; request not sent"
         )
@@ -103,37 +103,15 @@ def _deadline_error(exc: BaseException) -> DeadlineExceeded | None:
     return None
 
 
-def _peer_from_url(url: Any) -> str | None:
-    try:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(str(url))
-        if not parts.hostname:
-            return None
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return naming.peer_name(parts.hostname, port)
-    except Exception:
-        return None
-
-
-def _view_header(headers: Any) -> str | None:
-    store = getattr(headers, "_store", None)  # CaseInsensitiveDict's {lower: (name, value)}
-    if type(store) is dict:
-        item = store.get("x-view-name")
-        return item[1] if item else None
-    value: str | None = headers.get(outgoing.VIEW_HEADER)
-    return value
-
-
 def _finish(call: outgoing.Call, request: Any, response: Any, error: BaseException | None) -> None:
     try:
         status = view = None
         if response is not None:
             status = response.status_code
             if call.view is None:
-                view = _view_header(response.headers)
+                view = outgoing.view_header(response.headers)
         elif call.peer is None:
-            call.peer = _peer_from_url(getattr(request, "url", None))
+            call.peer = outgoing.peer_from_url(getattr(request, "url", None))
         outgoing.finish(call, status, view, error)
     except Exception:
         _log.log_once("requests-record", "agent: recording a requests call failed", exc_info=True)

@@ -38,10 +38,7 @@ if TYPE_CHECKING:
 
 _monotonic = time.monotonic
 _current_call = outgoing.current_call
-_current_scope = context.current
-_new_request_id = context.new_request_id
 _cached_peer = naming.cached
-_Call = outgoing.Call
 _enter = outgoing.enter
 _end = outgoing.end
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -102,7 +99,7 @@ def poolmanager_wrapper(
         response = wrapped(*args, **kwargs)
     except Exception as exc:
         if call.peer is None:
-            call.peer = _peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
+            call.peer = outgoing.peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
         _finish(call, None, exc)
         raise
     finally:
@@ -114,15 +111,7 @@ def poolmanager_wrapper(
 def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> outgoing.Call | None:
     """A new logical request from ``urlopen(method, url, ...)`` arguments (None on failure)."""
     try:
-        scope = _current_scope()
-        method = args[0] if args else kwargs.get("method", "GET")
-        return _Call(
-            scope.request_id or _new_request_id(),
-            scope.deadline,
-            method.upper(),
-            scope.view,
-            scope.peer,
-        )
+        return outgoing.begin(args[0] if args else kwargs.get("method", "GET"))
     except Exception:
         _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
         return None
@@ -224,36 +213,13 @@ def _pool_peer(pool: Any) -> str:
     return naming.peer_name(pool.host or "unknown", port)
 
 
-def _peer_from_url(url: Any) -> str | None:
-    try:
-        from urllib3.util.url import parse_url
-
-        parsed = parse_url(str(url))
-        if not parsed.host:
-            return None
-        return naming.peer_name(
-            parsed.host, parsed.port or _DEFAULT_PORTS.get(parsed.scheme or "http")
-        )
-    except Exception:
-        return None
-
-
-def _view_header(headers: Any) -> str | None:
-    container = getattr(headers, "_container", None)  # HTTPHeaderDict's lower-cased store
-    if type(container) is dict:
-        item = container.get("x-view-name")
-        return item[-1] if item else None
-    value: str | None = headers.get(outgoing.VIEW_HEADER)
-    return value
-
-
 def _finish(call: outgoing.Call, response: Any, error: BaseException | None) -> None:
     try:
         status = view = None
         if response is not None:
             status = response.status
             if call.view is None:
-                view = _view_header(response.headers)
+                view = outgoing.view_header(response.headers)
         outgoing.finish(call, status, view, error)
     except Exception:
         _log.log_once("urllib3-record", "agent: recording a urllib3 request failed", exc_info=True)
