@@ -110,7 +110,7 @@ def _finish(call: outgoing.Call, request: Any, response: Any, error: BaseExcepti
             status = response.status_code
             if call.view is None:
                 view = outgoing.view_header(response.headers)
-        elif call.peer is None:
+        if call.peer is None:  # no urllib3 attempt named it (failed early; old chunked path)
             call.peer = outgoing.peer_from_url(getattr(request, "url", None))
         outgoing.finish(call, status, view, error)
     except Exception:
