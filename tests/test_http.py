@@ -312,6 +312,22 @@ def test_a_shorter_caller_timeout_still_wins(install_agent, statsd, http_server)
     assert error_of(statsd) == ("timeout", "timeout")
 
 
+@pytest.mark.parametrize("where", ["pool", "manager"])
+def test_a_pools_own_shorter_timeout_still_wins(install_agent, statsd, http_server, where):
+    # No timeout in the call: urllib3 uses the pool's, which a far deadline must not replace.
+    install_agent()
+    start = time.monotonic()
+    with agent.deadline(10), pytest.raises(urllib3.exceptions.ReadTimeoutError):
+        if where == "pool":
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port, timeout=0.2)
+            pool.urlopen("GET", "/delay/2", retries=False)
+        else:
+            manager = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=0.2))
+            manager.request("GET", http_server.url + "/delay/2", retries=False)
+    assert time.monotonic() - start < 0.6
+    assert error_of(statsd) == ("timeout", "timeout")
+
+
 def test_an_expired_deadline_sends_nothing_and_raises(install_agent, statsd, http_server):
     install_agent()
     with agent.deadline(0.01):

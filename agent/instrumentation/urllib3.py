@@ -148,7 +148,8 @@ def _attempt(
                 cut = _cut_timeout(args[_TIMEOUT], pool, left, call)
                 args = (*args[:_TIMEOUT], cut, *args[_TIMEOUT + 1 :])
             else:
-                kwargs["timeout"] = _cut_timeout(kwargs.get("timeout"), pool, left, call)
+                timeout = kwargs.get("timeout", _NOT_GIVEN)
+                kwargs["timeout"] = _cut_timeout(timeout, pool, left, call)
     except Exception:
         _log.log_once("urllib3-attempt", "agent: preparing a urllib3 request failed", exc_info=True)
     return wrapped(*args, **kwargs)
@@ -162,7 +163,7 @@ def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> A
     if timeout is None or timeout.__class__ in (int, float):
         total, connect, read = None, timeout, timeout
     else:
-        if not isinstance(timeout, Timeout):  # urllib3's "not given" sentinel
+        if not isinstance(timeout, Timeout):  # not given (ours or urllib3's sentinel)
             timeout = pool.timeout
             if not isinstance(timeout, Timeout):
                 return _cut_timeout(timeout, pool, left, call)
@@ -186,6 +187,7 @@ def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> A
 
 
 _SOCKET_DEFAULT = Timeout.DEFAULT_TIMEOUT  # "use the socket module's default"
+_NOT_GIVEN = object()  # no timeout in the call: urllib3 uses the pool's
 
 
 def _make_timeout(total: float | None, connect: float, read: float) -> Any:
