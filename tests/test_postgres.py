@@ -266,6 +266,26 @@ def test_the_sessions_own_shorter_statement_timeout_is_kept(pg, statsd):
     assert statsd.total(ERRORS, type="timeout", code="57014") == 1
 
 
+def test_a_session_timeout_the_application_changes_is_read_again(pg, statsd):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        cur = conn.cursor()
+        with agent.deadline(30):
+            cur.execute("SELECT 1")  # the session's timeout (none) is read here
+            cur.execute("SET statement_timeout = 300")
+            start = time.monotonic()
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                run_pg_sleep(conn, 3)
+            assert time.monotonic() - start < 1.0
+            cur.execute("DISCARD ALL")  # back to no session timeout: the deadline bounds
+            cur.execute("SELECT pg_sleep(0.5)")
+    finally:
+        conn.close()
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="timeout", code="57014") == 1
+
+
 def test_an_expired_deadline_raises_before_executing(pg, statsd):
     conn = psycopg2.connect(pg)
     conn.autocommit = True

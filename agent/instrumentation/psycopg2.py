@@ -49,6 +49,9 @@ _finish = sql.finish
 _expand = sql.expand_queries
 _record_deferred = metrics.record_deferred
 _NOT_PREFIXABLE = sql.NOT_PREFIXABLE
+#: Statements after which the session's statement_timeout is read again.
+_SESSION_CHANGES = frozenset({"set", "reset", "discard"})
+_ceil = math.ceil
 _RESET = "SET LOCAL statement_timeout TO DEFAULT; "
 # libpq treats connect_timeout=1 as 2 seconds: ask for what it will do.
 _MIN_CONNECT_TIMEOUT = 2
@@ -142,15 +145,19 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
     def method(self: Any, query: Any, vars: Any = None) -> Any:
         if config.current is None:
             return base(self, query, vars)
-        conn = self.connection
         try:
-            state: _State = conn._talisker
+            state: _State = self.connection._talisker
         except AttributeError:
             return base(self, query, vars)
-        op = (_cached_operation(query) if type(query) is str else None) or _operation(query)
+        op = _cached_operation(query) if type(query) is str else None
+        if op is None:
+            op = _operation(query)
+        deadline = _current_scope().deadline
         bound = False
-        if state.dirty or op in ("set", "reset") or _current_scope().deadline is not None:
-            query, bound = _prepare(self, conn, state, op, query)
+        if deadline is not None:
+            query, bound = _bounded(self, state, op, query, deadline)
+        elif state.dirty or op in _SESSION_CHANGES:
+            query = _unbounded(self, state, op, query)
         start = _perf_counter()
         try:
             result = base(self, query, vars)
@@ -166,27 +173,47 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
     return method
 
 
-def _prepare(cursor: Any, conn: Any, state: _State, op: str, query: Any) -> tuple[Any, bool]:
-    """The slow path: deadline check and statement timeout, or undoing ours."""
-    bound = False
+def _bounded(cursor: Any, state: _State, op: str, query: Any, deadline: Any) -> tuple[Any, bool]:
+    """Under a deadline: fail fast once it has passed, else bound the statement by it.
+
+    Returns the statement to send and whether the deadline (not the session's own
+    ``statement_timeout``) is its bound.
+    """
+    left = deadline.expires - _monotonic()
+    if left <= 0:
+        error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; query not sent")
+        _finish(state.peer, state.db, op, _perf_counter(), error)
+        raise error
     try:
-        deadline = _current_scope().deadline
-        if deadline is not None:
-            left = deadline.expires - _monotonic()
-            if left <= 0:
-                error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; query not sent")
-                _finish(state.peer, state.db, op, _perf_counter(), error)
-                raise error
-            query, bound = _with_timeout(conn, cursor, state, op, query, left)
-        elif state.dirty:
-            query = _without_timeout(conn, cursor, state, op, query)
-        if op in ("set", "reset"):
-            state.session_ms = None  # the application may be changing statement_timeout
-    except DeadlineExceeded:
-        raise
+        conn = cursor.connection
+        if cursor.name is not None or op in _NOT_PREFIXABLE:
+            # A named cursor's DECLARE, COPY, VACUUM... cannot take a prefix. In a
+            # transaction, bound what follows with a separate SET LOCAL.
+            bound = _set_local_separately(conn, state, left)
+            if op in _SESSION_CHANGES:
+                state.session_ms = None  # the application may be changing statement_timeout
+            return query, bound
+        ms, bound = _timeout_ms(conn, state, left)
+        if not conn.autocommit:
+            state.dirty = True
+        if type(query) is str:
+            return f"SET LOCAL statement_timeout = {ms}; {query}", bound
+        return _prefixed(query, f"SET LOCAL statement_timeout = {ms}; "), bound
     except Exception:
         _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
-    return query, bound
+        return query, False
+
+
+def _unbounded(cursor: Any, state: _State, op: str, query: Any) -> Any:
+    """No deadline: undo a SET LOCAL of ours still in force in this transaction."""
+    try:
+        if op in _SESSION_CHANGES:
+            state.session_ms = None  # the application may be changing statement_timeout
+        if state.dirty:
+            return _without_timeout(cursor.connection, cursor, state, op, query)
+    except Exception:
+        _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
+    return query
 
 
 def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: Any) -> Any:
@@ -215,20 +242,6 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
     return result
 
 
-def _with_timeout(
-    conn: Any, cursor: Any, state: _State, op: str, query: Any, left: float
-) -> tuple[Any, bool]:
-    """The statement bounded by the time left; and whether the deadline is the bound."""
-    if cursor.name is not None or op in _NOT_PREFIXABLE:
-        # A named cursor's DECLARE, COPY, VACUUM... cannot take a prefix. In a
-        # transaction, bound what follows with a separate SET LOCAL.
-        return query, _set_local_separately(conn, state, left)
-    ms, bound = _timeout_ms(conn, state, left)
-    if not conn.autocommit:
-        state.dirty = True
-    return _prefixed(query, f"SET LOCAL statement_timeout = {ms}; "), bound
-
-
 def _without_timeout(conn: Any, cursor: Any, state: _State, op: str, query: Any) -> Any:
     """Outside a deadline: undo a SET LOCAL of ours still in force in this transaction."""
     status = conn.info.transaction_status
@@ -243,12 +256,16 @@ def _without_timeout(conn: Any, cursor: Any, state: _State, op: str, query: Any)
 
 
 def _timeout_ms(conn: Any, state: _State, left: float) -> tuple[int, bool]:
-    """Milliseconds for statement_timeout: the time left, never more than the session's own."""
-    ms = max(1, math.ceil(left * 1000))  # never 0: 0 means no limit
-    if state.session_ms is None:
-        state.session_ms = _session_timeout_ms(conn)
-    if 0 < state.session_ms < ms:
-        return state.session_ms, False
+    """Milliseconds for statement_timeout: the time left, never more than the session's own.
+
+    Also whether the deadline is the bound (not the session's own timeout).
+    """
+    ms = _ceil(left * 1000.0) or 1  # never 0: 0 means no limit
+    session_ms = state.session_ms
+    if session_ms is None:
+        session_ms = state.session_ms = _session_timeout_ms(conn)
+    if 0 < session_ms < ms:
+        return session_ms, False
     return ms, True
 
 
