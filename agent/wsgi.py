@@ -32,7 +32,6 @@ from agent.context import Deadline, Scope
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
-    from contextvars import Token
     from typing import Any, TypeVar
 
     F = TypeVar("F", bound=Callable[..., Any])
@@ -105,29 +104,39 @@ def handle(
     if cfg is None or "talisker.request" in environ:
         return app(environ, start_response)  # off, or an outer layer handles this request
     try:
-        request, scope = _begin(environ, cfg)
+        keys = _keys if _keys.config is cfg else _Keys(cfg)
+        request, scope = _begin(environ, cfg, keys)
     except Exception:
         _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
         return app(environ, start_response)
-    tokens = (context._scope.set(scope), _request.set(request))
-    id_header = cfg.id_header
+    scope_token = _set_scope(scope)
+    request_token = _set_request(request)
 
     def talisker_start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
         try:
             request.status = int(status[:3])
-            names = {name.lower() for name, _ in headers}
-            if id_header.lower() not in names:
-                headers.append((id_header, request.request_id))
-            inner = environ.get("talisker.view_of")  # set by an integration inside us
+            has_id = False
+            sent_view = None
+            for name, value in headers:
+                lowered = name.lower()
+                if lowered == keys.id_lower:
+                    has_id = True
+                elif lowered == "x-view-name":
+                    sent_view = value
+            if not has_id:
+                headers.append((keys.id_header, request.request_id))
             view = request.view or (view_of(environ) if view_of is not None else None)
-            view = view or (inner(environ) if inner is not None else None)
-            view = view or environ.get("talisker.view")
+            if not view:
+                inner = environ.get("talisker.view_of")  # set by an integration inside us
+                view = (inner(environ) if inner is not None else None) or environ.get(
+                    "talisker.view"
+                )
             if view:
                 request.view = str(view)
-                if "x-view-name" not in names:
+                if sent_view is None:
                     headers.append((VIEW_HEADER, request.view))
             else:
-                request.view = next((v for k, v in headers if k.lower() == "x-view-name"), None)
+                request.view = sent_view
         except Exception:
             _log.log_once("wsgi-headers", "agent: adding response headers failed", exc_info=True)
         return start_response(status, headers, *exc_info)
@@ -137,9 +146,9 @@ def handle(
     except BaseException as exc:
         request.error = exc
         _finish(request)
-        _leave(tokens)
+        _leave(scope_token, request_token)
         raise
-    return _Body(body, request, tokens)
+    return _Body(body, request, scope_token, request_token)
 
 
 class _Body:
@@ -148,11 +157,11 @@ class _Body:
     __slots__ = ("_body", "_request", "_tokens")
 
     def __init__(
-        self, body: Iterable[bytes], request: Request, tokens: tuple[Token[Any], ...]
+        self, body: Iterable[bytes], request: Request, scope_token: Any, request_token: Any
     ) -> None:
         self._body = body
         self._request = request
-        self._tokens = tokens
+        self._tokens: tuple[Any, ...] | None = (scope_token, request_token)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -168,21 +177,47 @@ class _Body:
                 close()
         finally:
             _finish(self._request)
-            tokens, self._tokens = self._tokens, ()  # a second close() changes nothing
-            _leave(tokens)
+            tokens, self._tokens = self._tokens, None  # a second close() changes nothing
+            if tokens is not None:
+                _leave(*tokens)
 
 
-def _leave(tokens: tuple[Token[Any], ...]) -> None:
+def _leave(scope_token: Any, request_token: Any) -> None:
     try:
-        for token in reversed(tokens):
-            token.var.reset(token)
+        _reset_request(request_token)
+        _reset_scope(scope_token)
     except (ValueError, RuntimeError):  # closed from another context than it was called in
         context._scope.set(context.EMPTY)
         _request.set(None)
 
 
-def _begin(environ: dict[str, Any], cfg: config.Config) -> tuple[Request, Scope]:
-    incoming = environ.get(_environ_key(cfg.id_header))
+_set_scope = context._scope.set
+_reset_scope = context._scope.reset
+_set_request = _request.set
+_reset_request = _request.reset
+
+
+class _Keys:
+    """What the hot path needs of a configuration, computed once per configuration."""
+
+    __slots__ = ("config", "deadline_environ", "id_environ", "id_header", "id_lower")
+
+    def __init__(self, cfg: config.Config | None) -> None:
+        global _keys
+        self.config = cfg
+        if cfg is not None:
+            self.id_header = cfg.id_header
+            self.id_lower = cfg.id_header.lower()
+            self.id_environ = _environ_key(cfg.id_header)
+            self.deadline_environ = _environ_key(cfg.deadline_header)
+            _keys = self
+
+
+_keys = _Keys(None)
+
+
+def _begin(environ: dict[str, Any], cfg: config.Config, keys: _Keys) -> tuple[Request, Scope]:
+    incoming = environ.get(keys.id_environ)
     request_id = context.new_request_id()
     if incoming is not None:
         if _sane_id(incoming):
@@ -192,7 +227,7 @@ def _begin(environ: dict[str, Any], cfg: config.Config) -> tuple[Request, Scope]
     deadline = None
     if cfg.request_timeout is not None:
         deadline = Deadline.after(cfg.request_timeout)
-    header = environ.get(_environ_key(cfg.deadline_header))
+    header = environ.get(keys.deadline_environ)
     if header is not None:
         wall = parse_deadline(header)
         if wall is None:
@@ -206,16 +241,13 @@ def _begin(environ: dict[str, Any], cfg: config.Config) -> tuple[Request, Scope]
             _log.debug("agent: ignoring an unparsable X-Request-Timeout header")
         else:
             deadline = context.earliest(deadline, Deadline.after(seconds))
-    request = Request(
-        request_id, str(environ.get("REQUEST_METHOD", "GET")), cfg.soft_request_timeout
-    )
+    method = str(environ.get("REQUEST_METHOD", "GET"))
+    request = Request(request_id, method, cfg.soft_request_timeout)
     environ["talisker.request"] = request
     environ["REQUEST_ID"] = request_id  # talisker's name for it
-    if _requests_installed():  # talisker's convention
-        from agent.sessions import get_session
-
-        environ["requests"] = get_session()
-    return request, Scope(request_id=request_id, deadline=deadline)
+    if _has_requests or _requests_installed():  # talisker's convention
+        environ["requests"] = _get_session()
+    return request, Scope(request_id, deadline)
 
 
 _environ_keys: dict[str, str] = {}
@@ -223,7 +255,7 @@ _has_requests: bool | None = None
 
 
 def _requests_installed() -> bool:
-    global _has_requests
+    global _has_requests, _get_session
     if _has_requests is None:
         if "requests" in sys.modules:
             _has_requests = True
@@ -231,7 +263,15 @@ def _requests_installed() -> bool:
             import importlib.util
 
             _has_requests = importlib.util.find_spec("requests") is not None
+        if _has_requests:
+            from agent.sessions import get_session
+
+            _get_session = get_session
     return _has_requests
+
+
+def _get_session() -> Any:  # replaced by agent.sessions.get_session once requests is found
+    return None
 
 
 def _environ_key(header: str) -> str:
