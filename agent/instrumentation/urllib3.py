@@ -160,13 +160,9 @@ def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> A
     total: Any
     connect: Any
     read: Any
-    if timeout is None or timeout.__class__ in (int, float):
-        total, connect, read = None, timeout, timeout
-    else:
-        if not isinstance(timeout, Timeout):  # not given (ours or urllib3's sentinel)
-            timeout = pool.timeout
-            if not isinstance(timeout, Timeout):
-                return _cut_timeout(timeout, pool, left, call)
+    if not (timeout is None or isinstance(timeout, (Timeout, int, float))):
+        timeout = pool.timeout  # not given (ours or urllib3's sentinel): the pool's
+    if isinstance(timeout, Timeout):
         total, connect, read = timeout.total, timeout._connect, timeout._read
         if connect is _SOCKET_DEFAULT:
             connect = socket.getdefaulttimeout()
@@ -174,6 +170,11 @@ def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> A
             read = socket.getdefaulttimeout()
         if total is _SOCKET_DEFAULT:
             total = None
+    elif timeout is None or isinstance(timeout, (int, float)):
+        total, connect, read = None, timeout, timeout
+    else:  # a pool without a Timeout of its own: the socket module's default
+        total, connect = None, socket.getdefaulttimeout()
+        read = connect
     if connect is not None and read is not None and connect <= left and read <= left:
         return timeout  # the caller's own timeouts already end before the deadline
     call.deadline_bound = True
