@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +52,35 @@ def time_commands(
 
 def python() -> str:
     return sys.executable
+
+
+def run_alternating(modes: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each mode once per round, in an order that rotates from round to round.
+
+    On a noisy host the time per request drifts; running the modes in a fixed
+    order would give whichever runs first (after the previous round's flush)
+    a systematic edge. Rotating the order spreads it over all modes.
+    """
+    names = list(modes)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(modes[name]())
+    return samples
+
+
+def paired_ratio(base: list[float], other: list[float]) -> tuple[float, float, float]:
+    """Median and interquartile range of ``other/base`` over rounds taken close in time.
+
+    Pairs from the same round cancel the drift that separate medians carry; the
+    interquartile range says how far the host's noise moves one pair.
+    """
+    ratios = sorted(b / a for a, b in zip(base, other, strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return quartiles[1], quartiles[0], quartiles[2]
+
+
+def format_ratio(ratio: tuple[float, float, float]) -> str:
+    median, low, high = ratio
+    return f"{median:.3f} ({low:.3f}-{high:.3f})"

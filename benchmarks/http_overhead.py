@@ -5,9 +5,10 @@ Uninstrumented and fully instrumented rounds alternate in one run (the agent is
 installed and uninstalled between rounds): instrumented means a request
 context and a deadline are active, and metrics go to a live DogStatsD receiver
 in its own process. Prints the median µs per request of each and the ratio:
-the median, over the rounds, of instrumented/raw for adjacent rounds (on a
-noisy host, pairs taken close in time cancel the drift that separate medians
-would carry).
+the median, over the rounds, of instrumented/raw for rounds taken one after
+the other (on a noisy host, pairs taken close in time cancel the drift that
+separate medians would carry), with its interquartile range; the order of the
+modes rotates from round to round.
 
 A third column, "by hand", is the uninstrumented client sending what the agent
 makes it send (the two headers, connect and read timeouts): the part of the
@@ -31,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["TALISKER_ENABLED"] = "false"  # installed explicitly, round by round
+
+from _util import format_ratio, paired_ratio, run_alternating  # noqa: E402
 
 import agent  # noqa: E402
 from agent import config  # noqa: E402
@@ -131,34 +134,43 @@ def main() -> None:
         }
         print(
             f"{'client':<10} {'raw µs':>8} {'by hand':>8} {'agent µs':>9} {'added':>7} "
-            f"{'ratio':>6} {'target':>7} {'vs hand':>8}"
+            f"{'ratio (IQR)':>20} {'target':>7} {'vs hand (IQR)':>20}"
         )
         for name, (do_request, by_hand) in clients.items():
             for _ in range(200):  # warm up connections and caches
                 do_request()
-            raw: list[float] = []
-            hand: list[float] = []
-            instrumented: list[float] = []
-            for _ in range(opts.rounds):
+
+            def raw_round(do_request=do_request) -> float:
                 agent.uninstall()
-                raw.append(run_round(do_request, opts.requests))
-                hand.append(run_round(by_hand, opts.requests))
+                return run_round(do_request, opts.requests)
+
+            def hand_round(by_hand=by_hand) -> float:
+                agent.uninstall()
+                return run_round(by_hand, opts.requests)
+
+            def agent_round(do_request=do_request) -> float:
                 agent.install(cfg)
                 with agent.request_context(deadline=3600):
-                    instrumented.append(run_round(do_request, opts.requests))
+                    result = run_round(do_request, opts.requests)
                 agent.flush(5)
+                return result
+
+            samples = run_alternating(
+                {"raw": raw_round, "hand": hand_round, "agent": agent_round}, opts.rounds
+            )
             agent.uninstall()
+            raw, hand, instrumented = samples["raw"], samples["hand"], samples["agent"]
             r, h, i = (
                 statistics.median(raw),
                 statistics.median(hand),
                 statistics.median(instrumented),
             )
-            ratio = statistics.median(b / a for a, b in zip(raw, instrumented, strict=True))
-            vs_hand = statistics.median(b / a for a, b in zip(hand, instrumented, strict=True))
+            ratio = paired_ratio(raw, instrumented)
+            vs_hand = paired_ratio(hand, instrumented)
             print(
-                f"{name:<10} {r:>8.1f} {h:>8.1f} {i:>9.1f} {i - r:>+7.1f} {ratio:>6.3f} "
-                f"{TARGETS[name]:>6.2f}x {vs_hand:>8.3f}"
-                + ("" if ratio <= TARGETS[name] else "  over target")
+                f"{name:<10} {r:>8.1f} {h:>8.1f} {i:>9.1f} {i - r:>+7.1f} "
+                f"{format_ratio(ratio):>20} {TARGETS[name]:>6.2f}x {format_ratio(vs_hand):>20}"
+                + ("" if ratio[0] <= TARGETS[name] else "  over target")
             )
     finally:
         server.kill()

@@ -9,7 +9,8 @@ here, more than what is measured). Instrumented
 rounds send metrics to a live DogStatsD receiver in its own process, once
 without and once with a deadline active (which adds `SET LOCAL
 statement_timeout` to the statement). Prints median µs per query and the median
-ratio of adjacent rounds.
+ratio of rounds taken one after the other, with its interquartile range (the
+order of the two rotates from round to round).
 
 Targets: at most 1.05x raw without a deadline, at most 1.10x with one.
 Needs the PostgreSQL of TALISKER_TEST_POSTGRES_DSN (default the local test server).
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["TALISKER_ENABLED"] = "false"  # installed explicitly, round by round
 
+from _util import format_ratio, paired_ratio, run_alternating  # noqa: E402
 from http_overhead import RECEIVER, start  # noqa: E402
 
 import agent  # noqa: E402
@@ -81,22 +83,30 @@ def main() -> None:
         assert type(cur) is not type(raw_cur)
         for c in (raw_cur, cur):
             run_round(c, 500)  # warm up
-        print(f"{'mode':<12} {'raw µs':>8} {'agent µs':>9} {'added':>7} {'ratio':>7} {'target':>7}")
+        print(
+            f"{'mode':<12} {'raw µs':>8} {'agent µs':>9} {'added':>7} "
+            f"{'ratio (IQR)':>20} {'target':>7}"
+        )
         for mode, seconds in (("no deadline", None), ("deadline", 3600.0)):
-            raw: list[float] = []
-            instrumented: list[float] = []
-            for _ in range(opts.rounds):
-                # The agent stays installed, as in a running application: the raw
-                # cursor is psycopg2's own class, which nothing of the agent touches.
-                raw.append(run_round(raw_cur, opts.queries))
+            # The agent stays installed, as in a running application: the raw
+            # cursor is psycopg2's own class, which nothing of the agent touches.
+
+            def agent_round(seconds: float | None = seconds) -> float:
                 with agent.deadline(seconds):
-                    instrumented.append(run_round(cur, opts.queries))
+                    result = run_round(cur, opts.queries)
                 agent.flush(5)
+                return result
+
+            samples = run_alternating(
+                {"raw": lambda: run_round(raw_cur, opts.queries), "agent": agent_round},
+                opts.rounds,
+            )
+            raw, instrumented = samples["raw"], samples["agent"]
             r, i = statistics.median(raw), statistics.median(instrumented)
-            ratio = statistics.median(b / a for a, b in zip(raw, instrumented, strict=True))
+            ratio = paired_ratio(raw, instrumented)
             print(
-                f"{mode:<12} {r:>8.1f} {i:>9.1f} {i - r:>+7.1f} {ratio:>7.3f} "
-                f"{TARGETS[mode]:>6.2f}x" + ("" if ratio <= TARGETS[mode] else "  over target")
+                f"{mode:<12} {r:>8.1f} {i:>9.1f} {i - r:>+7.1f} {format_ratio(ratio):>20} "
+                f"{TARGETS[mode]:>6.2f}x" + ("" if ratio[0] <= TARGETS[mode] else "  over target")
             )
         agent.uninstall()
     finally:

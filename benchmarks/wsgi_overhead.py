@@ -4,7 +4,8 @@ One gunicorn process (one gthread worker, keep-alive) serves a Flask app whose
 view returns a constant; a hidden route installs or uninstalls the agent, so
 rounds with and without it alternate on the same server process. The client
 sends keep-alive GETs and measures median µs per request; prints the median
-ratio of adjacent rounds.
+ratio of rounds taken one after the other, with its interquartile range (the
+order of the modes rotates from round to round).
 
 The client is a raw socket sending a canned request and reading the response
 by its Content-Length, as a load generator (wrk, ab) does: what is measured is
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="rounds per mode")
     opts = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
+    from _util import format_ratio, paired_ratio, run_alternating
     from http_overhead import RECEIVER, start
 
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -154,25 +156,31 @@ def main() -> None:
         for state in ("on", "off"):
             get(f"/__agent/{state}")
             run_round()  # warm up both paths
-        raw: list[float] = []
-        hand: list[float] = []
-        instrumented: list[float] = []
-        for _ in range(opts.rounds):
+
+        def off_round(path: str = "/") -> float:
             get("/__agent/off")
-            raw.append(run_round())
-            hand.append(run_round("/by-hand"))
+            return run_round(path)
+
+        def on_round() -> float:
             get("/__agent/on")
-            instrumented.append(run_round())
+            return run_round()
+
+        samples = run_alternating(
+            {"raw": off_round, "hand": lambda: off_round("/by-hand"), "agent": on_round},
+            opts.rounds,
+        )
+        raw, hand, instrumented = samples["raw"], samples["hand"], samples["agent"]
         r, h, i = statistics.median(raw), statistics.median(hand), statistics.median(instrumented)
-        ratio = statistics.median(b / a for a, b in zip(raw, instrumented, strict=True))
-        vs_hand = statistics.median(b / a for a, b in zip(hand, instrumented, strict=True))
+        ratio = paired_ratio(raw, instrumented)
+        vs_hand = paired_ratio(hand, instrumented)
         print(
             f"{'server':<14} {'raw µs':>8} {'by hand':>8} {'agent µs':>9} {'added':>7} "
-            f"{'ratio':>6} {'target':>7} {'vs hand':>8}"
+            f"{'ratio (IQR)':>20} {'target':>7} {'vs hand (IQR)':>20}"
         )
         print(
-            f"{'flask trivial':<14} {r:>8.1f} {h:>8.1f} {i:>9.1f} {i - r:>+7.1f} {ratio:>6.3f} "
-            f"{TARGET:>6.2f}x {vs_hand:>8.3f}" + ("" if ratio <= TARGET else "  over target")
+            f"{'flask trivial':<14} {r:>8.1f} {h:>8.1f} {i:>9.1f} {i - r:>+7.1f} "
+            f"{format_ratio(ratio):>20} {TARGET:>6.2f}x {format_ratio(vs_hand):>20}"
+            + ("" if ratio[0] <= TARGET else "  over target")
         )
     finally:
         server.terminate()
