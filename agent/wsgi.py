@@ -257,16 +257,16 @@ _has_requests: bool | None = None
 def _requests_installed() -> bool:
     global _has_requests, _get_session
     if _has_requests is None:
-        if "requests" in sys.modules:
-            _has_requests = True
-        else:
+        found = "requests" in sys.modules
+        if not found:
             import importlib.util
 
-            _has_requests = importlib.util.find_spec("requests") is not None
-        if _has_requests:
+            found = importlib.util.find_spec("requests") is not None
+        if found:
             from agent.sessions import get_session
 
             _get_session = get_session
+        _has_requests = found
     return _has_requests
 
 
