@@ -170,15 +170,18 @@ def attempt_headers(headers: Any, call: Call, cfg: Config, copy_mapping: Any = N
     return new
 
 
-def finish(
-    call: Call, status: int | None, view_header: str | None, error: BaseException | None
-) -> None:
+def finish(call: Call, status: int | None, headers: Any, error: BaseException | None) -> None:
     """Record the logical request: count, latency, error and retries.
 
+    ``status`` and ``headers`` are the response's (None when there is none);
+    the ``view`` tag is the per-call name, else the response's ``X-View-Name``.
     One tuple is handed to the metrics pipeline; the metrics thread builds the
     tags (:func:`expand_requests`). Errors are classified here, on the caller's
     thread, so no exception (and its traceback) is kept alive until the flush.
     """
+    view = call.view
+    if view is None and headers is not None:
+        view = view_header(headers)
     elapsed_ms = (_perf_counter() - call.start) * 1000.0
     kind: str | None
     code: str | None
@@ -192,7 +195,7 @@ def finish(
         expand_requests,
         (
             call.peer or "unknown",
-            call.view or view_header or "unknown",
+            view or "unknown",
             call.method,
             status or "error",
             elapsed_ms,

@@ -250,7 +250,6 @@ def _begin(environ: dict[str, Any], cfg: config.Config, keys: _Keys) -> tuple[Re
     return request, Scope(request_id, deadline)
 
 
-_environ_keys: dict[str, str] = {}
 _has_requests: bool | None = None
 
 
@@ -275,10 +274,8 @@ def _get_session() -> Any:  # replaced by agent.sessions.get_session once reques
 
 
 def _environ_key(header: str) -> str:
-    key = _environ_keys.get(header)
-    if key is None:
-        key = _environ_keys[header] = "HTTP_" + header.upper().replace("-", "_")
-    return key
+    """The WSGI environ key of a request header (``X-Request-Id`` -> ``HTTP_X_REQUEST_ID``)."""
+    return "HTTP_" + header.upper().replace("-", "_")
 
 
 def _sane_id(value: str) -> bool:

@@ -105,14 +105,12 @@ def _deadline_error(exc: BaseException) -> DeadlineExceeded | None:
 
 def _finish(call: outgoing.Call, request: Any, response: Any, error: BaseException | None) -> None:
     try:
-        status = view = None
-        if response is not None:
-            status = response.status_code
-            if call.view is None:
-                view = outgoing.view_header(response.headers)
         if call.peer is None:  # no urllib3 attempt named it (failed early; old chunked path)
             call.peer = outgoing.peer_from_url(getattr(request, "url", None))
-        outgoing.finish(call, status, view, error)
+        if response is None:
+            outgoing.finish(call, None, None, error)
+        else:
+            outgoing.finish(call, response.status_code, response.headers, error)
     except Exception:
         _log.log_once("requests-record", "agent: recording a requests call failed", exc_info=True)
 

@@ -218,12 +218,10 @@ def _pool_peer(pool: Any) -> str:
 
 def _finish(call: outgoing.Call, response: Any, error: BaseException | None) -> None:
     try:
-        status = view = None
-        if response is not None:
-            status = response.status
-            if call.view is None:
-                view = outgoing.view_header(response.headers)
-        outgoing.finish(call, status, view, error)
+        if response is None:
+            outgoing.finish(call, None, None, error)
+        else:
+            outgoing.finish(call, response.status, response.headers, error)
     except Exception:
         _log.log_once("urllib3-record", "agent: recording a urllib3 request failed", exc_info=True)
 
