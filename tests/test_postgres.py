@@ -256,14 +256,16 @@ def test_the_sessions_own_shorter_statement_timeout_is_kept(pg, statsd):
     conn = psycopg2.connect(pg, options="-c statement_timeout=300")
     conn.autocommit = True
     try:
-        start = time.monotonic()
-        with agent.deadline(30), pytest.raises(psycopg2.errors.QueryCanceled):
-            run_pg_sleep(conn, 3)
-        assert time.monotonic() - start < 1.0
+        with agent.deadline(30):
+            for _ in range(2):  # the first reads the session's timeout, the second knows it
+                start = time.monotonic()
+                with pytest.raises(psycopg2.errors.QueryCanceled):
+                    run_pg_sleep(conn, 3)
+                assert time.monotonic() - start < 1.0
     finally:
         conn.close()
-    sent(statsd, ERRORS)
-    assert statsd.total(ERRORS, type="timeout", code="57014") == 1
+    sent(statsd, ERRORS, at_least=2)
+    assert statsd.total(ERRORS, type="timeout", code="57014") == 2
 
 
 def test_a_session_timeout_the_application_changes_is_read_again(pg, statsd):
