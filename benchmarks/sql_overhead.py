@@ -5,12 +5,16 @@ raw rounds use psycopg2's own C cursor on it (which nothing of the agent
 touches, so the agent stays installed and its threads run as in an
 application), instrumented rounds the agent's timed cursor, so both talk to
 the same server process (two backends differ by several µs per round trip
-here, more than what is measured). Instrumented
-rounds send metrics to a live DogStatsD receiver in its own process, once
-without and once with a deadline active (which adds `SET LOCAL
-statement_timeout` to the statement). Prints median µs per query and the median
-ratio of rounds taken one after the other, with its interquartile range (the
-order of the two rotates from round to round).
+here, more than what is measured). Instrumented rounds send metrics to a live
+DogStatsD receiver in its own process, without and with a deadline active
+(which adds `SET LOCAL statement_timeout` to the statement). A "by hand" round
+sends that same prefix through the raw cursor: what the deadline costs with no
+agent code at all.
+
+Every round runs each mode once, in an order that rotates from round to round;
+rounds are short (100 queries) and many, so that the two rounds of a pair are
+close in time and the host's drift cancels. Prints median µs per query and the
+median ratio of the pairs, with its interquartile range.
 
 Targets: at most 1.05x raw without a deadline, at most 1.10x with one.
 Needs the PostgreSQL of TALISKER_TEST_POSTGRES_DSN (default the local test server).
@@ -19,6 +23,7 @@ Needs the PostgreSQL of TALISKER_TEST_POSTGRES_DSN (default the local test serve
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -53,18 +58,18 @@ def pin(conn) -> None:
             print("(could not pin the PostgreSQL backends: expect noisier figures)")
 
 
-def run_round(cur, n: int) -> float:
+def run_round(cur, n: int, query: str = "SELECT 1") -> float:
     begin = time.perf_counter()
     for _ in range(n):
-        cur.execute("SELECT 1")
+        cur.execute(query)
         cur.fetchone()
     return (time.perf_counter() - begin) / n * 1e6
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=1000, help="queries per round")
-    parser.add_argument("--rounds", type=int, default=30, help="rounds per mode")
+    parser.add_argument("--queries", type=int, default=100, help="queries per round")
+    parser.add_argument("--rounds", type=int, default=300, help="rounds per mode")
     opts = parser.parse_args()
 
     import psycopg2
@@ -78,35 +83,61 @@ def main() -> None:
         conn = psycopg2.connect(DSN)
         conn.autocommit = True
         pin(conn)
+        # The agent stays installed, as in a running application: the raw
+        # cursor is psycopg2's own class, which nothing of the agent touches.
         cur = conn.cursor()  # the agent's timed cursor
         raw_cur = psycopg2.extensions.connection.cursor(conn)  # psycopg2's own
         assert type(cur) is not type(raw_cur)
-        for c in (raw_cur, cur):
-            run_round(c, 500)  # warm up
+        seconds = 3600.0
+
+        def raw_round() -> float:
+            return run_round(raw_cur, opts.queries)
+
+        def hand_round() -> float:
+            # The agent's prefix, for the time left, sent by the application itself.
+            ms = math.ceil(seconds * 1000)
+            return run_round(raw_cur, opts.queries, f"SET LOCAL statement_timeout = {ms}; SELECT 1")
+
+        def agent_round(seconds: float | None = None) -> float:
+            with agent.deadline(seconds):
+                result = run_round(cur, opts.queries)
+            agent.flush(5)
+            return result
+
+        modes = {
+            "raw": raw_round,
+            "hand": hand_round,
+            "agent": agent_round,
+            "agent deadline": lambda: agent_round(seconds),
+        }
+        for run in modes.values():
+            for _ in range(5):
+                run()  # warm up
+        samples = run_alternating(modes, opts.rounds)
+        raw, hand = samples["raw"], samples["hand"]
         print(
-            f"{'mode':<12} {'raw µs':>8} {'agent µs':>9} {'added':>7} "
-            f"{'ratio (IQR)':>20} {'target':>7}"
+            f"{'mode':<12} {'raw µs':>8} {'by hand':>8} {'agent µs':>9} {'added':>7} "
+            f"{'ratio (IQR)':>20} {'target':>7} {'vs hand (IQR)':>20}"
         )
-        for mode, seconds in (("no deadline", None), ("deadline", 3600.0)):
-            # The agent stays installed, as in a running application: the raw
-            # cursor is psycopg2's own class, which nothing of the agent touches.
-
-            def agent_round(seconds: float | None = seconds) -> float:
-                with agent.deadline(seconds):
-                    result = run_round(cur, opts.queries)
-                agent.flush(5)
-                return result
-
-            samples = run_alternating(
-                {"raw": lambda: run_round(raw_cur, opts.queries), "agent": agent_round},
-                opts.rounds,
-            )
-            raw, instrumented = samples["raw"], samples["agent"]
+        for mode, name, by_hand in (
+            ("no deadline", "agent", None),
+            ("deadline", "agent deadline", hand),
+        ):
+            instrumented = samples[name]
             r, i = statistics.median(raw), statistics.median(instrumented)
             ratio = paired_ratio(raw, instrumented)
+            hand_cells = (
+                (
+                    f"{statistics.median(by_hand):>8.1f}",
+                    f"{format_ratio(paired_ratio(by_hand, instrumented)):>20}",
+                )
+                if by_hand
+                else (f"{'-':>8}", f"{'-':>20}")
+            )
             print(
-                f"{mode:<12} {r:>8.1f} {i:>9.1f} {i - r:>+7.1f} {format_ratio(ratio):>20} "
-                f"{TARGETS[mode]:>6.2f}x" + ("" if ratio[0] <= TARGETS[mode] else "  over target")
+                f"{mode:<12} {r:>8.1f} {hand_cells[0]} {i:>9.1f} {i - r:>+7.1f} "
+                f"{format_ratio(ratio):>20} {TARGETS[mode]:>6.2f}x {hand_cells[1]}"
+                + ("" if ratio[0] <= TARGETS[mode] else "  over target")
             )
         agent.uninstall()
     finally:
