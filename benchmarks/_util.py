@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import compileall
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+ORDER_SEED = 20261121
 
 
 def compile_bytecode() -> None:
@@ -55,17 +57,22 @@ def python() -> str:
 
 
 def run_alternating(modes: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Run each mode once per round, in an order that rotates from round to round.
+    """Run each mode once per round, in an order shuffled from round to round.
 
-    On a noisy host the time per request drifts; running the modes in a fixed
-    order would give whichever runs first (after the previous round's flush)
-    a systematic edge. Rotating the order spreads it over all modes.
+    On a noisy host the time per request drifts, and a round is affected by the
+    one before it (an instrumented round ends with a metrics flush, whose work
+    spills into the next round). A fixed order, or one rotated round by round,
+    gives some mode a systematic predecessor once there are more than two
+    modes: with four rotated, the raw round always followed a flush. A shuffle
+    (seeded, so runs are comparable) gives every mode every predecessor equally
+    often on average, which turns that carry-over into noise instead of bias.
     """
     names = list(modes)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(rounds):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(ORDER_SEED)
+    for _ in range(rounds):
+        order.shuffle(names)
+        for name in names:
             samples[name].append(modes[name]())
     return samples
 

@@ -8,7 +8,7 @@ in its own process. Prints the median µs per request of each and the ratio:
 the median, over the rounds, of instrumented/raw for rounds taken one after
 the other (on a noisy host, pairs taken close in time cancel the drift that
 separate medians would carry), with its interquartile range; the order of the
-modes rotates from round to round.
+modes is shuffled from round to round.
 
 A third column, "by hand", is the uninstrumented client sending what the agent
 makes it send (the two headers, connect and read timeouts): the part of the

@@ -9,9 +9,10 @@ here, more than what is measured). Instrumented rounds send metrics to a live
 DogStatsD receiver in its own process, without and with a deadline active
 (which adds `SET LOCAL statement_timeout` to the statement). A "by hand" round
 sends that same prefix through the raw cursor: what the deadline costs with no
-agent code at all.
+agent code at all. A second raw mode gives an A/A check: its ratio to the first
+says how far the host's noise alone moves a ratio in this run.
 
-Every round runs each mode once, in an order that rotates from round to round;
+Every round runs each mode once, in an order shuffled from round to round;
 rounds are short (100 queries) and many, so that the two rounds of a pair are
 close in time and the host's drift cancels. Prints median µs per query and the
 median ratio of the pairs, with its interquartile range.
@@ -109,6 +110,7 @@ def main() -> None:
             "hand": hand_round,
             "agent": agent_round,
             "agent deadline": lambda: agent_round(seconds),
+            "raw again": raw_round,  # an A/A check: how far noise alone moves the ratio
         }
         for run in modes.values():
             for _ in range(5):
@@ -139,6 +141,8 @@ def main() -> None:
                 f"{format_ratio(ratio):>20} {TARGETS[mode]:>6.2f}x {hand_cells[1]}"
                 + ("" if ratio[0] <= TARGETS[mode] else "  over target")
             )
+        check = format_ratio(paired_ratio(raw, samples["raw again"]))
+        print(f"A/A check, raw against raw: {check} (should be 1.00; shows the noise)")
         agent.uninstall()
     finally:
         receiver.kill()

@@ -5,7 +5,7 @@ view returns a constant; a hidden route installs or uninstalls the agent, so
 rounds with and without it alternate on the same server process. The client
 sends keep-alive GETs and measures median µs per request; prints the median
 ratio of rounds taken one after the other, with its interquartile range (the
-order of the modes rotates from round to round).
+order of the modes is shuffled from round to round).
 
 The client is a raw socket sending a canned request and reading the response
 by its Content-Length, as a load generator (wrk, ab) does: what is measured is
