@@ -16,7 +16,13 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["classify_error", "expand_queries", "finish", "operation"]
+__all__ = [
+    "classify_error",
+    "expand_queries",
+    "finish",
+    "operation",
+    "outside_transaction_only",
+]
 
 #: First keywords reported as the ``operation`` tag; any other is ``other``.
 OPERATIONS = frozenset(
@@ -39,6 +45,46 @@ NOT_PREFIXABLE = frozenset(
         "declare", "fetch", "move", "close", "discard", "listen", "unlisten", "other",
     }
 )  # fmt: skip
+
+#: First keywords of statements that behave differently inside a transaction block:
+#: a procedure or ``DO`` block may ``COMMIT`` (which fails in one), and ``LOCK``
+#: outside one fails (and must keep failing).
+_OWN_TRANSACTION_OPS = frozenset({"call", "do", "lock"})
+#: DDL that may be one of those that cannot run in a transaction block.
+_DDL_OPS = frozenset({"create", "drop", "alter"})
+#: OUTSIDE_BLOCK_OPS: what :func:`outside_transaction_only` may answer True for.
+OUTSIDE_BLOCK_OPS = _OWN_TRANSACTION_OPS | _DDL_OPS
+_no_block_words: Any = None
+
+
+def outside_transaction_only(op: str, query: Any) -> bool:
+    """Whether a statement must not be made part of a transaction block.
+
+    ``CREATE INDEX CONCURRENTLY``, ``CREATE``/``DROP DATABASE``, ``ALTER SYSTEM``,
+    ``CREATE TABLESPACE``, ``DROP SUBSCRIPTION``... cannot run in one; ``CALL``
+    and ``DO`` may commit; ``LOCK`` outside one is an error the application must
+    still get. DDL is told apart by its words (erring towards True, which only
+    costs the statement its prefix); a query that is not text counts as True.
+    """
+    global _no_block_words
+    if op in _OWN_TRANSACTION_OPS:
+        return True
+    if op not in _DDL_OPS:
+        return False
+    if isinstance(query, bytes):
+        text = query.decode("ascii", "replace")
+    elif isinstance(query, str):
+        text = query
+    else:
+        return True
+    if _no_block_words is None:
+        import re
+
+        _no_block_words = re.compile(
+            r"\b(?:concurrently|database|tablespace|system|subscription)\b", re.IGNORECASE
+        )
+    return _no_block_words.search(text) is not None
+
 
 _ops: dict[Any, str] = {}
 _OPS_LIMIT = 2048

@@ -213,6 +213,14 @@ def test_a_query_is_cancelled_at_the_deadline(pg, statsd, autocommit):
 def test_no_timeout_outlives_the_deadline_inside_a_transaction(pg):
     conn = psycopg2.connect(pg)
     try:
+        with conn.cursor() as cur:  # the application's own session timeout is restored
+            cur.execute("SET statement_timeout = 4000")
+            with agent.deadline(5):
+                cur.execute("select 1")
+            cur.execute("show statement_timeout")
+            assert cur.fetchone()[0] == "4s"
+            cur.execute("RESET statement_timeout")
+        conn.commit()
         with agent.deadline(5), conn.cursor() as cur:
             cur.execute("select 1")
         run_pg_sleep(conn, 0.6)  # same transaction, outside the scope
@@ -248,6 +256,72 @@ def test_the_timeout_is_in_the_same_statement_and_never_zero(pg):
                 assert cur.query.endswith(b"; select 'x'")
                 ms = int(cur.query.split(b"= ")[1].split(b";")[0])
                 assert 1 <= ms <= 2000
+    finally:
+        conn.close()
+
+
+def test_statements_that_need_their_own_transaction_run_under_a_deadline(pg):
+    """In autocommit a prefix would put them in a transaction block, where they fail."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE TABLE {name} (x int)")
+            cur.execute(f"CREATE PROCEDURE {name}_p() LANGUAGE plpgsql AS $$ BEGIN COMMIT; END $$")
+            with agent.deadline(30):
+                for statement in (
+                    f"CREATE INDEX CONCURRENTLY {name}_i ON {name} (x)",
+                    f"DROP INDEX CONCURRENTLY {name}_i",
+                    f"CALL {name}_p()",  # transaction control inside a procedure
+                    "DO $$ BEGIN COMMIT; END $$",
+                    f"CREATE DATABASE {name}",
+                    f"DROP DATABASE {name}",
+                ):
+                    cur.execute(statement)
+                # LOCK outside a transaction fails without the agent; it must fail with it.
+                with pytest.raises(psycopg2.errors.NoActiveSqlTransaction):
+                    cur.execute(f"LOCK TABLE {name}")
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {name}; DROP PROCEDURE IF EXISTS {name}_p")
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("ALTER SYSTEM SET work_mem = '8MB'", True),
+        ("create tablespace t location '/x'", True),
+        (b"DROP SUBSCRIPTION s", True),
+        ("ALTER TABLE t DETACH PARTITION p CONCURRENTLY", True),
+        ("CALL p()", True),
+        ("do $$ begin null; end $$", True),
+        ("LOCK TABLE t", True),
+        ("CREATE TABLE t (x int)", False),
+        ("ALTER TABLE t ADD COLUMN systems int", False),
+        ("DROP TABLE t", False),
+        ("SELECT 'concurrently'", False),
+    ],
+)
+def test_what_must_run_outside_a_transaction_block_is_recognised(query, expected):
+    from agent import sql
+
+    op = sql.operation(query)
+    assert sql.outside_transaction_only(op, query) is expected
+
+
+def test_a_transaction_begun_by_hand_in_autocommit_keeps_no_timeout(pg):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            with agent.deadline(5):
+                cur.execute("SELECT 1")
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone()[0] == "0"
+            cur.execute("COMMIT")
     finally:
         conn.close()
 

@@ -49,10 +49,12 @@ _finish = sql.finish
 _expand = sql.expand_queries
 _record_deferred = metrics.record_deferred
 _NOT_PREFIXABLE = sql.NOT_PREFIXABLE
+#: Operations the inline path leaves to _bounded: no prefix, or a prefix only sometimes.
+_NOT_INLINE = _NOT_PREFIXABLE | sql.OUTSIDE_BLOCK_OPS
+_outside_transaction_only = sql.outside_transaction_only
 #: Statements after which the session's statement_timeout is read again.
 _SESSION_CHANGES = frozenset({"set", "reset", "discard"})
 _ceil = math.ceil
-_RESET = "SET LOCAL statement_timeout TO DEFAULT; "
 # libpq treats connect_timeout=1 as 2 seconds: ask for what it will do.
 _MIN_CONNECT_TIMEOUT = 2
 
@@ -163,15 +165,16 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
                 left > 0.0
                 and session_ms is not None
                 and type(query) is str
-                and op not in _NOT_PREFIXABLE
+                and op not in _NOT_INLINE
                 and self.name is None
             ):
                 ms = _ceil(left * 1000.0)  # >= 1: statement_timeout 0 would mean no limit
                 bound = not 0 < session_ms < ms
                 if not bound:
                     ms = session_ms
-                if not self.connection.autocommit:
-                    state.dirty = True
+                # In force until the transaction ends: an autocommit statement's own,
+                # or one the application began (by hand, even in autocommit).
+                state.dirty = True
                 query = f"SET LOCAL statement_timeout = {ms}; {query}"
             else:
                 query, bound = _bounded(self, state, op, query, deadline)
@@ -212,9 +215,16 @@ def _bounded(cursor: Any, state: _State, op: str, query: Any, deadline: Any) -> 
             if op in _SESSION_CHANGES:
                 state.session_ms = None  # the application may be changing statement_timeout
             return query, bound
+        if (
+            conn.autocommit
+            and _outside_transaction_only(op, query)
+            and conn.info.transaction_status == _IDLE
+        ):
+            # CREATE INDEX CONCURRENTLY, CALL of a procedure that commits...: a prefix
+            # would make a transaction block of the query string and break them.
+            return query, False
         ms, bound = _timeout_ms(conn, state, left)
-        if not conn.autocommit:
-            state.dirty = True
+        state.dirty = True
         if type(query) is str:
             return f"SET LOCAL statement_timeout = {ms}; {query}", bound
         return _prefixed(query, f"SET LOCAL statement_timeout = {ms}; "), bound
@@ -271,7 +281,18 @@ def _without_timeout(conn: Any, cursor: Any, state: _State, op: str, query: Any)
         _reset_separately(conn, state)
         return query
     state.dirty = False
-    return _prefixed(query, _RESET)
+    return _prefixed(query, _restore_statement(state) + "; ")
+
+
+def _restore_statement(state: _State) -> str:
+    """Back to the session's own statement_timeout for the rest of the transaction.
+
+    ``TO DEFAULT`` would ignore a session-level ``SET`` of the application's; it
+    is used only when that value is not known (the application changed it since).
+    """
+    if state.session_ms is None:
+        return "SET LOCAL statement_timeout TO DEFAULT"
+    return f"SET LOCAL statement_timeout = {state.session_ms}"
 
 
 def _timeout_ms(conn: Any, state: _State, left: float) -> tuple[int, bool]:
@@ -302,7 +323,7 @@ def _session_timeout_ms(conn: Any) -> int:
 
 
 def _set_local_separately(conn: Any, state: _State, left: float) -> bool:
-    if conn.autocommit:
+    if conn.autocommit and conn.info.transaction_status == _IDLE:
         return False  # no transaction for a SET LOCAL to live in
     ms, bound = _timeout_ms(conn, state, left)
     cur = _BaseConnection.cursor(conn)
@@ -318,7 +339,7 @@ def _reset_separately(conn: Any, state: _State) -> None:
     if conn.info.transaction_status not in (_IDLE, _INERROR):
         cur = _BaseConnection.cursor(conn)
         try:
-            cur.execute("SET LOCAL statement_timeout TO DEFAULT")
+            cur.execute(_restore_statement(state))
         finally:
             cur.close()
     state.dirty = False
