@@ -289,6 +289,31 @@ def test_statements_that_need_their_own_transaction_run_under_a_deadline(pg):
 
 
 @pytest.mark.parametrize(
+    "run",
+    [
+        pytest.param(lambda cur: cur.callproc("pg_sleep", (3,)), id="callproc"),
+        pytest.param(lambda cur: cur.execute("DO $$ BEGIN PERFORM pg_sleep(3); END $$"), id="do"),
+    ],
+)
+def test_what_cannot_take_a_prefix_is_bounded_in_autocommit_too(pg, statsd, run):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = 60000")  # the application's own
+            start = time.monotonic()
+            with agent.deadline(0.5), pytest.raises(psycopg2.errors.QueryCanceled):
+                run(cur)
+            assert time.monotonic() - start < 1.5
+            cur.execute("SHOW statement_timeout")  # the session's value is put back
+            assert cur.fetchone()[0] == "1min"
+    finally:
+        conn.close()
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="deadline", code="57014") == 1
+
+
+@pytest.mark.parametrize(
     ("query", "expected"),
     [
         ("ALTER SYSTEM SET work_mem = '8MB'", True),

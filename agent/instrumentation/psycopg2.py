@@ -52,6 +52,12 @@ _NOT_PREFIXABLE = sql.NOT_PREFIXABLE
 #: Operations the inline path leaves to _bounded: no prefix, or a prefix only sometimes.
 _NOT_INLINE = _NOT_PREFIXABLE | sql.OUTSIDE_BLOCK_OPS
 _outside_transaction_only = sql.outside_transaction_only
+#: Statements that, in autocommit, get the deadline as a session-level timeout
+#: for their duration (two extra round trips): they cannot take a prefix and may
+#: run long. Others that cannot (SHOW, LISTEN, LOCK...) only get the check.
+_SESSION_BOUND_OPS = frozenset(
+    {"vacuum", "reindex", "cluster", "copy", "declare", "call", "do", "create", "drop", "alter"}
+)
 #: Statements after which the session's statement_timeout is read again.
 _SESSION_CHANGES = frozenset({"set", "reset", "discard"})
 _ceil = math.ceil
@@ -177,7 +183,7 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
                 state.dirty = True
                 query = f"SET LOCAL statement_timeout = {ms}; {query}"
             else:
-                query, bound = _bounded(self, state, op, query, deadline)
+                return _run_bounded(self, base, state, op, query, vars, deadline)
         elif state.dirty or op in _SESSION_CHANGES:
             query = _unbounded(self, state, op, query)
         start = _perf_counter()
@@ -195,11 +201,39 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
     return method
 
 
-def _bounded(cursor: Any, state: _State, op: str, query: Any, deadline: Any) -> tuple[Any, bool]:
+def _run_bounded(
+    cursor: Any,
+    base: Callable[..., Any],
+    state: _State,
+    op: str,
+    query: Any,
+    vars: Any,
+    deadline: Any,
+) -> Any:
+    """A statement under a deadline that the inline path does not handle."""
+    query, bound, restore = _bounded(cursor, state, op, query, deadline)
+    start = _perf_counter()
+    try:
+        try:
+            result = base(cursor, query, vars)
+        except Exception as exc:
+            _finish(state.peer, state.db, op, start, exc, bound)
+            raise
+        _finish(state.peer, state.db, op, start)
+    finally:
+        if restore is not None:
+            _restore_session(cursor.connection, restore)
+    return result
+
+
+def _bounded(
+    cursor: Any, state: _State, op: str, query: Any, deadline: Any
+) -> tuple[Any, bool, str | None]:
     """Under a deadline: fail fast once it has passed, else bound the statement by it.
 
-    Returns the statement to send and whether the deadline (not the session's own
-    ``statement_timeout``) is its bound.
+    Returns the statement to send, whether the deadline (not the session's own
+    ``statement_timeout``) is its bound, and the session's ``statement_timeout``
+    to put back after it if the bound had to be set for the session.
     """
     left = deadline.expires - _monotonic()
     if left <= 0:
@@ -208,29 +242,31 @@ def _bounded(cursor: Any, state: _State, op: str, query: Any, deadline: Any) -> 
         raise error
     try:
         conn = cursor.connection
-        if cursor.name is not None or op in _NOT_PREFIXABLE:
-            # A named cursor's DECLARE, COPY, VACUUM... cannot take a prefix. In a
-            # transaction, bound what follows with a separate SET LOCAL.
-            bound = _set_local_separately(conn, state, left)
+        named = cursor.name is not None
+        if (
+            named
+            or op in _NOT_PREFIXABLE
+            or (conn.autocommit and _outside_transaction_only(op, query))
+        ):
+            # A named cursor's DECLARE, COPY, VACUUM, CREATE INDEX CONCURRENTLY, CALL
+            # of a procedure that commits...: a prefix would make a transaction
+            # block of the query string, which they cannot be in or must not be in.
             if op in _SESSION_CHANGES:
                 state.session_ms = None  # the application may be changing statement_timeout
-            return query, bound
-        if (
-            conn.autocommit
-            and _outside_transaction_only(op, query)
-            and conn.info.transaction_status == _IDLE
-        ):
-            # CREATE INDEX CONCURRENTLY, CALL of a procedure that commits...: a prefix
-            # would make a transaction block of the query string and break them.
-            return query, False
+            if conn.autocommit and conn.info.transaction_status == _IDLE:
+                if named or op in _SESSION_BOUND_OPS:
+                    return (query, *_bound_session(conn, state, left))
+                return query, False, None  # LOCK, SHOW, LISTEN...: only the check above
+            # In a transaction: bound what follows with a separate SET LOCAL.
+            return query, _set_local_separately(conn, state, left), None
         ms, bound = _timeout_ms(conn, state, left)
         state.dirty = True
         if type(query) is str:
-            return f"SET LOCAL statement_timeout = {ms}; {query}", bound
-        return _prefixed(query, f"SET LOCAL statement_timeout = {ms}; "), bound
+            return f"SET LOCAL statement_timeout = {ms}; {query}", bound, None
+        return _prefixed(query, f"SET LOCAL statement_timeout = {ms}; "), bound, None
     except Exception:
         _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
-        return query, False
+        return query, False, None
 
 
 def _unbounded(cursor: Any, state: _State, op: str, query: Any) -> Any:
@@ -252,22 +288,33 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
         return base(cursor, procname, params)
     deadline = _current_scope().deadline
     bound = False
+    restore = None
     if deadline is not None:
         left = deadline.expires - _monotonic()
         if left <= 0:
             error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; query not sent")
             _finish(state.peer, state.db, "call", _perf_counter(), error)
             raise error
-        bound = _set_local_separately(conn, state, left)
+        try:
+            if conn.autocommit and conn.info.transaction_status == _IDLE:
+                bound, restore = _bound_session(conn, state, left)
+            else:
+                bound = _set_local_separately(conn, state, left)
+        except Exception:
+            _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
     elif state.dirty:
         _reset_separately(conn, state)
     start = _perf_counter()
     try:
-        result = base(cursor, procname, params)
-    except Exception as exc:
-        _finish(state.peer, state.db, "call", start, exc, bound)
-        raise
-    _finish(state.peer, state.db, "call", start)
+        try:
+            result = base(cursor, procname, params)
+        except Exception as exc:
+            _finish(state.peer, state.db, "call", start, exc, bound)
+            raise
+        _finish(state.peer, state.db, "call", start)
+    finally:
+        if restore is not None:
+            _restore_session(conn, restore)
     return result
 
 
@@ -333,6 +380,47 @@ def _set_local_separately(conn: Any, state: _State, left: float) -> bool:
         cur.close()
     state.dirty = True
     return bound
+
+
+def _bound_session(conn: Any, state: _State, left: float) -> tuple[bool, str | None]:
+    """Autocommit, a statement that cannot take a prefix: set the session's timeout.
+
+    One round trip before (reading the value to put back) and one after, in
+    :func:`_restore_session`; nothing if the session's own timeout is shorter.
+    Returns whether the deadline is the bound, and the value to put back.
+    """
+    ms, bound = _timeout_ms(conn, state, left)
+    if not bound:
+        return False, None  # the session's own, shorter timeout is in force already
+    cur = _BaseConnection.cursor(conn)
+    try:
+        cur.execute(
+            "SELECT current_setting('statement_timeout'),"
+            " set_config('statement_timeout', %s, false)",
+            (str(ms),),
+        )
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    return True, (row[0] if row else "0")
+
+
+def _restore_session(conn: Any, value: str) -> None:
+    """Put back the session's statement_timeout after :func:`_bound_session`. Never raises."""
+    try:
+        if conn.closed:
+            return
+        cur = _BaseConnection.cursor(conn)
+        try:
+            cur.execute("SELECT set_config('statement_timeout', %s, false)", (value,))
+        finally:
+            cur.close()
+    except Exception:
+        _log.log_once(
+            "psycopg2-restore",
+            "agent: restoring a session's statement_timeout failed",
+            exc_info=True,
+        )
 
 
 def _reset_separately(conn: Any, state: _State) -> None:
