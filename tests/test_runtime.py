@@ -64,6 +64,7 @@ def burn(seconds):
     while time.process_time() < end:
         pass
 metrics.count("start", 1)      # the first metric starts the reporter
+agent.flush(3)                 # and the first flush imports datadog: not during the fork
 burn(0.6)
 pid = os.fork()
 if pid == 0:
@@ -78,13 +79,21 @@ agent.flush(3)
 
 
 def test_process_cpu_per_interval_and_a_child_reports_only_its_own(statsd):
-    proc = run_python(PROCESS_CPU, {**statsd.env, "TALISKER_RUNTIME_METRICS_INTERVAL": "0.2"})
+    # Flushing more often than sampling sends every sample of the gauge: with the
+    # default 1 s flush only the last sample before each flush would be sent, and
+    # which one that is was a race between the two threads.
+    env = {
+        **statsd.env,
+        "TALISKER_RUNTIME_METRICS_INTERVAL": "0.2",
+        "TALISKER_METRICS_FLUSH_INTERVAL": "0.05",
+    }
+    proc = run_python(PROCESS_CPU, env)
     assert proc.returncode == 0, proc.stderr
     statsd.wait_for(lambda: len({m.sender for m in statsd.find("talisker.process.cpu.user")}) >= 2)
     by_sender: dict[object, float] = {}
     for m in statsd.find("talisker.process.cpu.user") + statsd.find("talisker.process.cpu.system"):
         by_sender[m.sender] = by_sender.get(m.sender, 0) + m.value
-    assert len(by_sender) == 2
+    assert len(by_sender) == 2, proc.stderr
     parent_ms, child_ms = sorted(by_sender.values(), reverse=True)
     assert parent_ms >= 600
     assert child_ms < 200  # not the parent's 600 ms again
