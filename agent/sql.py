@@ -52,7 +52,7 @@ NOT_PREFIXABLE = frozenset(
 _OWN_TRANSACTION_OPS = frozenset({"call", "do", "lock"})
 #: DDL that may be one of those that cannot run in a transaction block.
 _DDL_OPS = frozenset({"create", "drop", "alter"})
-#: OUTSIDE_BLOCK_OPS: what :func:`outside_transaction_only` may answer True for.
+#: The operations :func:`outside_transaction_only` may answer True for.
 OUTSIDE_BLOCK_OPS = _OWN_TRANSACTION_OPS | _DDL_OPS
 _no_block_words: Any = None
 

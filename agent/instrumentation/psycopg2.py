@@ -212,6 +212,20 @@ def _run_bounded(
 ) -> Any:
     """A statement under a deadline that the inline path does not handle."""
     query, bound, restore = _bounded(cursor, state, op, query, deadline)
+    return _timed(base, cursor, query, vars, state, op, bound, restore)
+
+
+def _timed(
+    base: Callable[..., Any],
+    cursor: Any,
+    query: Any,
+    vars: Any,
+    state: _State,
+    op: str,
+    bound: bool,
+    restore: str | None,
+) -> Any:
+    """``base(cursor, query, vars)``, recorded; then the session's timeout put back."""
     start = _perf_counter()
     try:
         try:
@@ -226,6 +240,16 @@ def _run_bounded(
     return result
 
 
+def _time_left(state: _State, op: str, deadline: Any) -> float:
+    """Seconds left; once none are, the query is recorded and DeadlineExceeded raised."""
+    left: float = deadline.expires - _monotonic()
+    if left <= 0:
+        error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; query not sent")
+        _finish(state.peer, state.db, op, _perf_counter(), error)
+        raise error
+    return left
+
+
 def _bounded(
     cursor: Any, state: _State, op: str, query: Any, deadline: Any
 ) -> tuple[Any, bool, str | None]:
@@ -235,11 +259,7 @@ def _bounded(
     ``statement_timeout``) is its bound, and the session's ``statement_timeout``
     to put back after it if the bound had to be set for the session.
     """
-    left = deadline.expires - _monotonic()
-    if left <= 0:
-        error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; query not sent")
-        _finish(state.peer, state.db, op, _perf_counter(), error)
-        raise error
+    left = _time_left(state, op, deadline)
     try:
         conn = cursor.connection
         named = cursor.name is not None
@@ -290,11 +310,7 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
     bound = False
     restore = None
     if deadline is not None:
-        left = deadline.expires - _monotonic()
-        if left <= 0:
-            error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; query not sent")
-            _finish(state.peer, state.db, "call", _perf_counter(), error)
-            raise error
+        left = _time_left(state, "call", deadline)
         try:
             if conn.autocommit and conn.info.transaction_status == _IDLE:
                 bound, restore = _bound_session(conn, state, left)
@@ -304,18 +320,7 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
             _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
     elif state.dirty:
         _reset_separately(conn, state)
-    start = _perf_counter()
-    try:
-        try:
-            result = base(cursor, procname, params)
-        except Exception as exc:
-            _finish(state.peer, state.db, "call", start, exc, bound)
-            raise
-        _finish(state.peer, state.db, "call", start)
-    finally:
-        if restore is not None:
-            _restore_session(conn, restore)
-    return result
+    return _timed(base, cursor, procname, params, state, "call", bound, restore)
 
 
 def _without_timeout(conn: Any, cursor: Any, state: _State, op: str, query: Any) -> Any:
