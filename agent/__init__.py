@@ -61,6 +61,7 @@ def install(config: Config | None = None) -> bool:
         with registry._lock:
             if not cfg.enabled:
                 _uninstall_locked()
+                registry.install(cfg)  # only what keeps code written against the API working
                 return False
             config_module.current = cfg
             naming.reset()
@@ -142,9 +143,7 @@ def _activate() -> None:
             return  # the launcher validates strictly itself; the command it runs activates
         from agent.config import load
 
-        config = load()
-        if config.enabled:
-            install(config)
+        install(load())  # off, it still keeps the documented API working (registry.API_TARGETS)
     except Exception:  # pragma: no cover - import agent must never raise
         pass
 

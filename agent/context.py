@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Any, TypeVar
 
-    from typing_extensions import Self
-
     F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
@@ -42,6 +40,13 @@ __all__ = [
 ]
 
 _monotonic = time.monotonic
+
+#: Seconds: a deadline further away than this behaves as no deadline. Anyone can
+#: send ``X-Request-Deadline: 9999-12-31T...``; timeouts derived from such a value
+#: overflow (a socket timeout, libpq's ``connect_timeout``, PostgreSQL's
+#: ``statement_timeout``, at most 2147483647 ms, about 24.8 days). A day is
+#: beyond any request's useful deadline and far inside every one of those limits.
+MAX_DEADLINE = 86_400.0
 
 
 class DeadlineExceeded(TimeoutError):
@@ -62,14 +67,19 @@ class Deadline:
         self._header: str | None = None
 
     @classmethod
-    def after(cls, seconds: float) -> Deadline:
-        """The deadline ``seconds`` from now."""
+    def after(cls, seconds: float) -> Deadline | None:
+        """The deadline ``seconds`` from now; ``None`` beyond :data:`MAX_DEADLINE` (or NaN)."""
+        if not seconds <= MAX_DEADLINE:
+            return None
         return cls(_monotonic() + seconds)
 
     @classmethod
-    def at_wall_time(cls, epoch_seconds: float) -> Deadline:
-        """The deadline at a wall-clock time (seconds since the epoch, UTC)."""
-        return cls(_monotonic() + (epoch_seconds - time.time()))
+    def at_wall_time(cls, epoch_seconds: float) -> Deadline | None:
+        """The deadline at a wall-clock time (seconds since the epoch, UTC).
+
+        ``None`` when it is more than :data:`MAX_DEADLINE` away.
+        """
+        return cls.after(epoch_seconds - time.time())
 
     def remaining(self) -> float:
         """Seconds left; zero or negative once passed."""
@@ -94,7 +104,7 @@ class Deadline:
 class Scope:
     """What the current request knows: its id, its deadline, names for its calls."""
 
-    __slots__ = ("deadline", "peer", "request_id", "view")
+    __slots__ = ("_token", "deadline", "peer", "request_id", "view")
 
     def __init__(
         self,
@@ -107,6 +117,7 @@ class Scope:
         self.deadline = deadline
         self.view = view  # per-call metric name of outgoing calls (`view` tag)
         self.peer = peer  # per-call peer name of outgoing calls (`peer` tag)
+        self._token: Token[Scope] | None = None  # set by the context manager that pushed it
 
     def replace(self, **changes: Any) -> Scope:
         """A copy with some fields changed."""
@@ -183,21 +194,20 @@ def deadline_timeout() -> float | None:
 class _ScopeChange:
     """Base of the context managers: push a changed scope, restore it on exit.
 
-    Each also works as a decorator; every call then enters a fresh copy, so a
-    decorated function may run in several threads or recursively.
+    Reusable and re-entrant: the token that restores the previous scope is kept
+    on the scope pushed, not on the manager, so one instance may be entered
+    again inside itself, from several threads or tasks at once, or used as a
+    decorator of a function that recurses.
     """
 
-    __slots__ = ("_token",)
+    __slots__ = ()
 
     def _changed(self, scope: Scope) -> Scope:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _copy(self) -> Self:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def __enter__(self) -> Scope:
         scope = self._changed(_scope.get())
-        self._token: Token[Scope] = _scope.set(scope)
+        scope._token = _scope.set(scope)
         return scope
 
     def __exit__(
@@ -206,17 +216,27 @@ class _ScopeChange:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _scope.reset(self._token)
+        token = _scope.get()._token
+        if token is None:  # pragma: no cover - a scope pushed by someone else was not left
+            _log_unbalanced()
+            return
+        _scope.reset(token)
 
     def __call__(self, func: F) -> F:
         import functools
 
         @functools.wraps(func)
         def decorated(*args: Any, **kwargs: Any) -> Any:
-            with self._copy():
+            with self:
                 return func(*args, **kwargs)
 
         return decorated  # type: ignore[return-value]
+
+
+def _log_unbalanced() -> None:  # pragma: no cover
+    from agent._log import log_once
+
+    log_once("scope-unbalanced", "agent: a request scope was left that this block did not enter")
 
 
 class deadline(_ScopeChange):
@@ -235,14 +255,10 @@ class deadline(_ScopeChange):
             raise ValueError("deadline seconds must be a number")
         self.seconds = seconds
 
-    def _copy(self) -> deadline:
-        return deadline(self.seconds)
-
     def _changed(self, scope: Scope) -> Scope:
         if self.seconds is None:
-            return scope
-        new = earliest(scope.deadline, Deadline.after(self.seconds))
-        return scope if new is scope.deadline else scope.replace(deadline=new)
+            return scope.replace()
+        return scope.replace(deadline=earliest(scope.deadline, Deadline.after(self.seconds)))
 
 
 class request_context(_ScopeChange):
@@ -260,12 +276,11 @@ class request_context(_ScopeChange):
         self.request_id = request_id
         self.deadline = deadline
 
-    def _copy(self) -> request_context:
-        return request_context(self.request_id, self.deadline)
-
     def _changed(self, scope: Scope) -> Scope:
         d = self.deadline
-        if d is not None and not isinstance(d, Deadline):
+        if isinstance(d, Deadline):
+            d = d if d.remaining() <= MAX_DEADLINE else None
+        elif d is not None:
             d = Deadline.after(d)
         return Scope(
             request_id=self.request_id or new_request_id(),
@@ -288,9 +303,6 @@ class metric_names(_ScopeChange):
     def __init__(self, view: str | None = None, peer: str | None = None) -> None:
         self.view = view
         self.peer = peer
-
-    def _copy(self) -> metric_names:
-        return metric_names(self.view, self.peer)
 
     def _changed(self, scope: Scope) -> Scope:
         return scope.replace(

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 
-__all__ = ["TARGETS", "Patch", "install", "installed", "uninstall"]
+__all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "uninstall"]
 
 #: instrumentation name -> the modules whose import triggers it. Kept here, not
 #: read from the instrumentation modules, so that watching costs no import;
@@ -38,6 +38,15 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "requests": ("requests.sessions",),
     "psycopg2": ("psycopg2",),
     "flask": ("flask.app",),
+}
+
+#: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when
+#: the instrumentation itself is off (``TALISKER_ENABLED=false`` or listed in
+#: ``TALISKER_DISABLED_INSTRUMENTATIONS``): an application written against the
+#: agent's documented API (requests' ``metric_api_name=``) must keep working
+#: when an operator turns the agent off.
+API_TARGETS: dict[str, tuple[str, ...]] = {
+    "requests": ("requests.sessions",),
 }
 
 
@@ -72,6 +81,7 @@ _lock = RLock()
 _finder: PostImportFinder | None = None
 _config: Config | None = None
 _enabled: frozenset[str] = frozenset()
+_api_only: frozenset[str] = frozenset()  # off, but their API patches go in
 _applied: dict[tuple[str, str], _Applied] = {}
 _wrapper_class: type | None = None
 
@@ -82,18 +92,21 @@ def installed() -> bool:
 
 
 def install(config: Config) -> None:
-    """Watch the targets of every enabled instrumentation; patch those already imported."""
-    global _finder, _config, _enabled
+    """Watch the targets of every enabled instrumentation; patch those already imported.
+
+    Instrumentations that are off get only their ``API_PATCHES`` (see :data:`API_TARGETS`).
+    """
+    global _finder, _config, _enabled, _api_only
     with _lock:
         if _finder is not None:
             if config == _config:
                 return
             uninstall()
-        if not config.enabled:
-            return
         _config = config
         _enabled = frozenset(n for n in TARGETS if config.instrumentation_enabled(n))
+        _api_only = frozenset(n for n in API_TARGETS if n not in _enabled)
         watched = [m for n in _enabled for m in TARGETS[n]]
+        watched += [m for n in _api_only for m in API_TARGETS[n] if m not in watched]
         _finder = PostImportFinder(_on_import, watched)
         sys.meta_path.insert(0, _finder)
         for name in watched:
@@ -104,14 +117,14 @@ def install(config: Config) -> None:
 
 def uninstall() -> None:
     """Remove the hooks and put every original object back, by identity."""
-    global _finder, _config, _enabled
+    global _finder, _config, _enabled, _api_only
     with _lock:
         if _finder is not None:
             try:
                 sys.meta_path.remove(_finder)
             except ValueError:
                 pass
-        _finder, _config, _enabled = None, None, frozenset()
+        _finder, _config, _enabled, _api_only = None, None, frozenset(), frozenset()
         for key, record in list(_applied.items()):
             current = vars(record.owner).get(record.attr)
             if current is record.wrapper:
@@ -136,12 +149,15 @@ def _on_import(module: ModuleType) -> None:
         for name in _enabled:
             if module.__name__ in TARGETS[name]:
                 _apply_instrumentation(name)
+        for name in _api_only:
+            if module.__name__ in API_TARGETS[name]:
+                _apply_instrumentation(name, "API_PATCHES")
 
 
-def _apply_instrumentation(name: str) -> None:
+def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
     try:
-        instrumentation = __import__(f"agent.instrumentation.{name}", fromlist=["PATCHES"])
-        patches: tuple[Patch, ...] = instrumentation.PATCHES
+        instrumentation = __import__(f"agent.instrumentation.{name}", fromlist=[declared])
+        patches: tuple[Patch, ...] = getattr(instrumentation, declared)
     except Exception:
         _log.log_once(
             f"load:{name}", "agent: the %s instrumentation failed to load", name, exc_info=True

@@ -22,6 +22,7 @@ reach the next.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextvars import ContextVar
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["TaliskerMiddleware", "current_request", "parse_deadline", "request_timeout"]
 
 MAX_ID_LENGTH = 200
+#: The status recorded for a response whose client went away before it was sent.
+CLIENT_CLOSED_REQUEST = 499
 VIEW_HEADER = "X-View-Name"
 _perf_counter = time.perf_counter
 _thread_time = time.thread_time
@@ -50,6 +53,7 @@ class Request:
     """What the agent knows about the incoming request being served."""
 
     __slots__ = (
+        "complete",
         "cpu",
         "error",
         "finished",
@@ -68,6 +72,7 @@ class Request:
         self.view: str | None = None
         self.status: int | None = None
         self.error: BaseException | None = None
+        self.complete = False  # the server read the whole body
         self.finished = False
         self.start = _perf_counter()
         self.cpu = _thread_time()
@@ -166,9 +171,12 @@ class _Body:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._body  # delegated in C: no per-chunk cost
+        except GeneratorExit:
+            raise  # the server stopped reading: the client went away (see _finish)
         except BaseException as exc:
             self._request.error = exc
             raise
+        self._request.complete = True
 
     def close(self) -> None:
         try:
@@ -233,14 +241,20 @@ def _begin(environ: dict[str, Any], cfg: config.Config, keys: _Keys) -> tuple[Re
         if wall is None:
             _log.debug("agent: ignoring an unparsable %s header", cfg.deadline_header)
         else:
-            deadline = context.earliest(deadline, Deadline.at_wall_time(wall))
+            incoming = Deadline.at_wall_time(wall)
+            if incoming is None:
+                _log.debug("agent: ignoring a %s beyond a day away", cfg.deadline_header)
+            deadline = context.earliest(deadline, incoming)
     relative = environ.get("HTTP_X_REQUEST_TIMEOUT")
     if relative is not None:
         seconds = _parse_seconds(relative)
         if seconds is None:
             _log.debug("agent: ignoring an unparsable X-Request-Timeout header")
         else:
-            deadline = context.earliest(deadline, Deadline.after(seconds))
+            incoming = Deadline.after(seconds)
+            if incoming is None:
+                _log.debug("agent: ignoring an X-Request-Timeout beyond a day")
+            deadline = context.earliest(deadline, incoming)
     method = str(environ.get("REQUEST_METHOD", "GET"))
     request = Request(request_id, method, cfg.soft_request_timeout)
     environ["talisker.request"] = request
@@ -288,7 +302,7 @@ def _parse_seconds(value: str) -> float | None:
         seconds = float(value.strip())
     except ValueError:
         return None
-    return seconds if 0 < seconds < 1e9 else None
+    return seconds if 0 < seconds < math.inf else None
 
 
 _DEADLINE_RE: Any = None
@@ -339,6 +353,10 @@ def _finish(request: Request) -> None:
         cpu_ms = (_thread_time() - request.cpu) * 1000.0
         latency_ms = (_perf_counter() - request.start) * 1000.0
         status = request.status if request.status is not None else 500
+        if request.error is None and not request.complete and request.status is not None:
+            # Closed before the body was read to its end: the client went away.
+            # nginx's 499 (and aio-request's), not an error of the application.
+            status = CLIENT_CLOSED_REQUEST
         error = request.error is not None or status >= 500
         view = request.view or "unknown"
         metrics.record_deferred(_expand, (view, request.method, status, latency_ms, cpu_ms, error))

@@ -125,3 +125,52 @@ def test_context_follows_asyncio_tasks():
 def test_request_ids_are_unique():
     ids = {context.new_request_id() for _ in range(10000)}
     assert len(ids) == 10000
+
+
+@pytest.mark.parametrize(
+    "manager",
+    [
+        lambda: agent.deadline(30),
+        lambda: agent.request_context(request_id="r", deadline=30),
+        lambda: agent.metric_names(view="v", peer="p"),
+        lambda: agent.deadline(None),
+    ],
+)
+def test_every_context_manager_is_reusable_and_reentrant(manager):
+    cm = manager()
+    before = context.current()
+    with cm:
+        inner_scope = context.current()
+        with cm, cm:
+            assert context.current() is not before
+        assert context.current() is inner_scope
+    assert context.current() is before
+    with cm:  # and again, after it was left
+        pass
+    assert context.current() is before
+
+
+def test_one_context_manager_shared_by_threads_restores_each_threads_scope():
+    import threading
+
+    shared = agent.deadline(30)
+    barrier = threading.Barrier(4)
+    problems = []
+
+    def worker(i: int) -> None:
+        try:
+            with agent.request_context(request_id=f"t{i}"):
+                for _ in range(200):
+                    with shared:
+                        barrier.wait(5) if _ == 0 else None
+                        assert context.current().request_id == f"t{i}"
+                assert context.current().deadline is None
+        except Exception as exc:  # pragma: no cover - reported below
+            problems.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert problems == []

@@ -100,6 +100,17 @@ def test_the_callers_dict_and_the_pools_headers_are_not_mutated(install_agent, h
     assert http_server.requests[1].header("User-Agent") == "pool-agent"
 
 
+def test_headers_given_positionally_as_none_keep_the_pools_own(install_agent, http_server):
+    """urllib3 uses the pool's headers for ``headers=None``, positional or keyword."""
+    install_agent()
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port, headers={"X-Pool": "p"})
+    pool.urlopen("GET", "/positional", None, None)
+    pool.urlopen("GET", "/keyword", headers=None)
+    for recorded in http_server.requests:
+        assert recorded.header("X-Pool") == "p", recorded.path
+        assert recorded.header("X-Request-Id")
+
+
 def test_header_names_are_configurable(install_agent, http_server):
     install_agent(TALISKER_ID_HEADER="X-Correlation-Id", TALISKER_DEADLINE_HEADER="X-Deadline")
     with agent.request_context(request_id="corr", deadline=5):
@@ -356,6 +367,39 @@ def test_the_deadline_is_checked_before_each_retry(install_agent, statsd, http_s
         pool.request("GET", http_server.url + "/flaky/backoff/100", retries=retry)
     assert time.monotonic() - start < 1.5
     assert len(http_server.requests) < 10
+
+
+@pytest.mark.parametrize("timeout", ["1", True, -1, 0, float("nan"), object()])
+def test_a_timeout_urllib3_rejects_is_rejected_the_same_under_a_deadline(
+    install_agent, http_server, timeout
+):
+    """A value the agent does not understand reaches urllib3 unchanged."""
+
+    def outcome() -> tuple[object, str]:
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port)
+        try:
+            pool.urlopen("GET", "/", timeout=timeout, retries=False)
+        except Exception as exc:
+            return type(exc), str(exc)
+        return "no error", ""
+
+    without = outcome()
+    install_agent()
+    with agent.deadline(30):
+        with_agent = outcome()
+    assert with_agent == without
+    assert without[0] != "no error"  # urllib3 itself rejects each of them
+
+
+def test_a_far_future_deadline_behaves_as_none(install_agent, http_server):
+    install_agent()
+    with agent.deadline(10**12):
+        assert agent.deadline_timeout() is None
+        requests.get(http_server.url + "/a", timeout=5)
+        urllib3.PoolManager().request("GET", http_server.url + "/b")
+    with agent.request_context(deadline=1e300):
+        assert agent.deadline_timeout() is None
+    assert [r.header("X-Request-Deadline") for r in http_server.requests] == [None, None]
 
 
 # -- what the application sees -------------------------------------------------

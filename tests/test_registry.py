@@ -129,11 +129,16 @@ print(json.dumps([twice, restored]))
     all_points(restored, ours=False, original=True)
 
 
+# Kept in when requests' instrumentation is off: it only pops the per-call name keywords.
+API_POINT = "requests.sessions:Session.request"
+
+
 def test_disabled_by_the_master_switch():
     state = run(
         "import agent, urllib3, requests\nprint(json.dumps(report({})))",
         {"TALISKER_ENABLED": "false"},
     )
+    assert state.pop(API_POINT)["ours"] is True
     all_points(state, ours=False)
 
 
@@ -143,7 +148,49 @@ def test_one_instrumentation_disabled():
         {"TALISKER_DISABLED_INSTRUMENTATIONS": "requests"},
     )
     assert state["requests.sessions:Session.send"]["ours"] is False
+    assert state[API_POINT]["ours"] is True
     assert state["urllib3.connectionpool:HTTPConnectionPool.urlopen"]["ours"] is True
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TALISKER_ENABLED": "false"},
+        {"TALISKER_DISABLED_INSTRUMENTATIONS": "requests"},
+        {"TALISKER_DISABLED_INSTRUMENTATIONS": "all"},
+    ],
+)
+@pytest.mark.parametrize("order", ["agent first", "requests first"])
+def test_the_off_switches_never_break_code_using_the_per_call_name_keywords(env, order):
+    """An operator's off switch must not make the documented keywords a TypeError."""
+    imports = "import agent, requests" if order == "agent first" else "import requests, agent"
+    out = check_python(
+        f"""
+        {imports}
+        from tests.support.http import RecordingServer
+        server = RecordingServer()
+        r = requests.get(server.url, metric_api_name="users.get", metric_host_name="users-api")
+        s = requests.Session().post(server.url, data=b"x", metric_api_name="users.post")
+        print(r.status_code, s.status_code, len(server.requests))
+        """,
+        {**ENV, **env},
+    )
+    assert out.split() == ["200", "200", "2"]
+
+
+def test_install_of_a_disabled_config_keeps_the_keywords_working():
+    out = check_python(
+        """
+        import agent, requests
+        from agent import config
+        from tests.support.http import RecordingServer
+        server = RecordingServer()
+        assert agent.install(config.load({"TALISKER_ENABLED": "false"})) is False
+        print(requests.get(server.url, metric_api_name="x").status_code)
+        """,
+        ENV,
+    )
+    assert out.split() == ["200"]
 
 
 def test_a_failing_patch_is_logged_once_and_the_others_go_in():

@@ -13,6 +13,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import flask
 import pytest
 import requests
+import urllib3
 
 import agent
 from agent import context
@@ -417,3 +418,60 @@ def test_closing_a_response_twice_is_harmless(install_agent, statsd):
     assert context.current().request_id is None
     sent(statsd)
     assert statsd.total("talisker.wsgi.requests") == 1
+
+
+def test_a_client_that_goes_away_is_recorded_as_499_not_an_error(install_agent, statsd):
+    """nginx's convention (and aio-request's): the response was never delivered."""
+    install_agent()
+    chunks_sent = []
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+        def body():
+            for i in range(10_000):  # far more than the socket buffers hold
+                chunks_sent.append(i)
+                yield b"x" * 65536
+
+        return body()
+
+    import socket
+    import struct
+
+    with serve(TaliskerMiddleware(app)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(12).startswith(b"HTTP/1.")
+        # Close with a reset: the server's next writes fail.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        sent(statsd)
+    assert len(chunks_sent) < 10_000
+    assert statsd.total("talisker.wsgi.requests", status="499") == 1
+    assert statsd.total("talisker.wsgi.requests", status="200") == 0
+    assert statsd.total("talisker.wsgi.errors") == 0
+
+
+def test_a_far_future_incoming_deadline_behaves_as_none(install_agent, http_server):
+    """Anyone can send one: it must not break outgoing calls (it made them overflow)."""
+    install_agent()
+    outgoing = []
+
+    def app(environ, start_response):
+        scope = context.current()
+        outgoing.append(scope.deadline)
+        requests.get(http_server.url + "/a", timeout=5)
+        urllib3.PoolManager().request("GET", http_server.url + "/b")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    with serve(TaliskerMiddleware(app)) as url:
+        for headers in (
+            {"X-Request-Deadline": "9999-12-31T23:59:59.999Z"},
+            {"X-Request-Timeout": "3000000"},  # about 35 days: beyond statement_timeout's range
+            {"X-Request-Timeout": "1e300"},
+        ):
+            assert requests.get(url, headers=headers).status_code == 200
+    assert outgoing == [None, None, None]
+    assert all(r.header("X-Request-Deadline") is None for r in http_server.requests)

@@ -119,5 +119,8 @@ PATCHES = (
     Patch("requests.sessions", "Session.send", send_wrapper),
     Patch("requests.sessions", "Session.request", request_wrapper),
 )
+#: What stays in when this instrumentation is off: the per-call name keywords are
+#: still popped, so code written against them keeps working (``registry.API_TARGETS``).
+API_PATCHES = (PATCHES[1],)
 
-__all__ = ["PATCHES", "DeadlineExceeded"]
+__all__ = ["API_PATCHES", "PATCHES", "DeadlineExceeded"]

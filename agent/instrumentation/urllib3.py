@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import time
 
+from urllib3 import connectionpool as _connectionpool
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 from urllib3.util.timeout import Timeout
@@ -136,7 +137,10 @@ def _attempt(
     try:
         call.attempts += 1
         if len(args) > _HEADERS:
-            new_headers = outgoing.attempt_headers(args[_HEADERS], call, cfg, _copy_headers)
+            headers = args[_HEADERS]
+            new_headers = outgoing.attempt_headers(
+                pool.headers if headers is None else headers, call, cfg, _copy_headers
+            )
             args = (*args[:_HEADERS], new_headers, *args[_HEADERS + 1 :])
         else:
             headers = kwargs.get("headers")
@@ -148,21 +152,32 @@ def _attempt(
                 cut = _cut_timeout(args[_TIMEOUT], pool, left, call)
                 args = (*args[:_TIMEOUT], cut, *args[_TIMEOUT + 1 :])
             else:
-                timeout = kwargs.get("timeout", _NOT_GIVEN)
-                kwargs["timeout"] = _cut_timeout(timeout, pool, left, call)
+                cut = _cut_timeout(kwargs.get("timeout", _NOT_GIVEN), pool, left, call)
+                if cut is not _NOT_GIVEN:
+                    kwargs["timeout"] = cut
     except Exception:
         _log.log_once("urllib3-attempt", "agent: preparing a urllib3 request failed", exc_info=True)
     return wrapped(*args, **kwargs)
 
 
 def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> Any:
-    """The caller's (or the pool's) timeout, with no part longer than the time left."""
+    """The caller's (or the pool's) timeout, with no part longer than the time left.
+
+    A value this does not understand (``timeout="1"``, a ``bool``) is returned
+    as it is, so urllib3 answers it as it would without the agent.
+    """
     total: Any
     connect: Any
     read: Any
-    if not (timeout is None or isinstance(timeout, (Timeout, int, float))):
-        timeout = pool.timeout  # not given (ours or urllib3's sentinel): the pool's
-    if isinstance(timeout, Timeout):
+    given = timeout
+    if timeout is _NOT_GIVEN or timeout is _POOL_DEFAULT:
+        timeout = pool.timeout  # urllib3 would use the pool's
+    kind = type(timeout)
+    if kind is float or kind is int:
+        total, connect, read = None, timeout, timeout
+    elif timeout is None:
+        total = connect = read = None
+    elif isinstance(timeout, Timeout):
         total, connect, read = timeout.total, timeout._connect, timeout._read
         if connect is _SOCKET_DEFAULT:
             connect = socket.getdefaulttimeout()
@@ -170,13 +185,19 @@ def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> A
             read = socket.getdefaulttimeout()
         if total is _SOCKET_DEFAULT:
             total = None
-    elif timeout is None or isinstance(timeout, (int, float)):
-        total, connect, read = None, timeout, timeout
-    else:  # a pool without a Timeout of its own: the socket module's default
+    elif timeout is _SOCKET_DEFAULT:  # 1.26: "the socket module's default" for both
         total, connect = None, socket.getdefaulttimeout()
         read = connect
+    else:
+        return given
+    # Only None or a positive number can be compared with the time left (inline: per attempt).
+    if not (
+        (connect is None or (type(connect) in _NUMBERS and connect > 0))
+        and (read is None or (type(read) in _NUMBERS and read > 0))
+    ):
+        return given
     if connect is not None and read is not None and connect <= left and read <= left:
-        return timeout  # the caller's own timeouts already end before the deadline
+        return given  # the caller's own timeouts already end before the deadline
     call.deadline_bound = True
     # `total` stays the caller's: urllib3 does measurably more work per request
     # with one, and connect and read bounded by the time left bound the attempt.
@@ -189,6 +210,10 @@ def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> A
 
 _SOCKET_DEFAULT = Timeout.DEFAULT_TIMEOUT  # "use the socket module's default"
 _NOT_GIVEN = object()  # no timeout in the call: urllib3 uses the pool's
+_NUMBERS = (float, int)  # not bool: urllib3 rejects a bool timeout, and so must the call
+#: urlopen's own default argument, "the pool's timeout": a sentinel of its own in
+#: 1.26 (``_Default``), ``Timeout.DEFAULT_TIMEOUT`` in 2.x.
+_POOL_DEFAULT = getattr(_connectionpool, "_Default", _SOCKET_DEFAULT)
 
 
 def _make_timeout(total: float | None, connect: float, read: float) -> Any:
