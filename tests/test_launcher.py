@@ -209,13 +209,19 @@ def test_gunicorn_with_two_workers_serving_flask(tmp_path, statsd, http_server):
                 assert server.poll() is None, server.stdout.read() if server.stdout else ""
                 time.sleep(0.2)
         http_server.requests.clear()
-        incoming = (datetime.now(timezone.utc) + timedelta(seconds=5)).strftime(
+        incoming = (datetime.now(timezone.utc) + timedelta(seconds=60)).strftime(
             "%Y-%m-%dT%H:%M:%S.%f"
         )[:-3] + "Z"
         headers = {"X-Request-Id": "abc-123", "X-Request-Deadline": incoming}
         with ThreadPoolExecutor(4) as pool:
             responses = list(pool.map(lambda _: requests.get(url, headers=headers), range(40)))
-        time.sleep(1.0)  # both workers report process CPU at least once
+
+        def cpu_senders() -> set:
+            return {m.sender for m in statsd.find("talisker.process.cpu.user")}
+
+        # Each worker reports process CPU from its start, whether or not it served.
+        statsd.wait_for(lambda: len(cpu_senders()) >= 2, 30)
+        statsd.wait_for(lambda: statsd.total("talisker.wsgi.requests", view="hello") >= 40, 30)
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=30)[0]
@@ -229,10 +235,11 @@ def test_gunicorn_with_two_workers_serving_flask(tmp_path, statsd, http_server):
     assert statsd.wait_total("talisker.wsgi.requests", 40, view="hello") == 40
     assert len(statsd.samples("talisker.wsgi.cpu", view="hello")) == 40
     assert statsd.total("talisker.requests.count", view="unknown") == 40
-    cpu_senders = {m.sender for m in statsd.find("talisker.process.cpu.user")}
+    # The kernel does not promise that both workers accept a request: only that
+    # each reports its own CPU, and that whichever served sends from its own socket.
+    assert len(cpu_senders()) == 2, "each worker sends process.cpu.*"
     wsgi_senders = {m.sender for m in statsd.find("talisker.wsgi.requests")}
-    assert len(wsgi_senders) == 2, "both workers served requests"
-    assert wsgi_senders <= cpu_senders, "each worker sends process.cpu.*"
+    assert wsgi_senders <= cpu_senders()
     assert statsd.find("talisker.process.cpu.system") and statsd.find(
         "talisker.process.cpu.percent"
     )

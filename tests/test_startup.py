@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.support.proc import check_python
 
 HEAVY = [
@@ -20,7 +22,8 @@ HEAVY = [
 ]
 
 
-def test_import_agent_imports_no_target_and_nothing_heavy():
+@pytest.mark.parametrize("enabled", ["true", "false"])
+def test_import_agent_imports_no_target_and_nothing_heavy(enabled):
     out = check_python(
         f"""
         import sys
@@ -30,7 +33,7 @@ def test_import_agent_imports_no_target_and_nothing_heavy():
         import json  # only now: json itself imports re
         print(json.dumps(loaded))
         """,
-        {"TALISKER_ENABLED": "true"},
+        {"TALISKER_ENABLED": enabled},
     )
     assert json.loads(out) == []
 
