@@ -30,16 +30,37 @@ options:
   -h, --help       show this help and exit
   --version        show the version and exit
 
-Configuration is read from the environment (TALISKER_*, DD_*); an invalid value
-stops talisker-run with status 2 before CMD starts.
+Configuration is read from the environment (TALISKER_*, DD_*); invalid values
+stop talisker-run with status 2 before CMD starts, each one named.
 """
 
 BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
 
 
+#: What a shell reports for a command ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``talisker-run`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `talisker-run --check | head`: the reader is gone
+        _silence_output()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_output() -> None:
+    """Point stdout and stderr at /dev/null, so the flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # pragma: no cover - a closed or unusual stream
+            pass
+
+
+def _main(args: list[str]) -> int:
     check = print_metrics = False
     while args and args[0].startswith("-"):
         option = args.pop(0)
@@ -61,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(strict=True)
     except config.ConfigError as exc:
-        sys.stderr.write(f"talisker-run: {exc}\n")
+        for _, message in exc.problems:
+            sys.stderr.write(f"talisker-run: {message}\n")
         return 2
     if check:
         print_check(cfg, sys.stdout)
@@ -126,7 +148,7 @@ def print_check(cfg: config.Config, out: TextIO) -> None:
     out.write("\nconfiguration:\n")
     width = max(len(s.env) for s in config.SETTINGS)
     for s in config.SETTINGS:
-        value = config.describe(getattr(cfg, s.attr)) or '""'
+        value = s.show(getattr(cfg, s.attr)) or '""'
         source = "set" if cfg.sources[s.attr] == "env" else "default"
         out.write(f"  {s.env:<{width}}  {value}  ({source})\n")
     out.write("\ninstrumentations:\n")

@@ -38,24 +38,34 @@ RESERVED_TAG_KEYS = frozenset({"host", "device", "source", "service"})
 
 
 class ConfigError(ValueError):
-    """An environment variable has a value the agent cannot use (strict mode)."""
+    """Environment variables have values the agent cannot use (strict mode).
 
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(message)
-        self.variable = variable
+    ``problems`` holds one ``(variable, message)`` pair per bad variable, in
+    the order of :data:`SETTINGS`; ``str()`` is their messages, one a line.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("\n".join(message for _, message in problems))
+        self.problems = problems
+        self.variables = [variable for variable, _ in problems]
+        self.variable = self.variables[0]
 
 
 class InvalidValue(ValueError):
     """Raised by a parser: ``expected`` says what a valid value looks like.
 
     ``salvaged`` is the part of the value that could be used (for a list with
-    one bad item, the good items); it is used instead of the default.
+    bad items, the good items); it is used instead of the default.
+    ``bad_items`` names the items of a list that were not valid.
     """
 
-    def __init__(self, expected: str, salvaged: object = None) -> None:
+    def __init__(
+        self, expected: str, salvaged: object = None, bad_items: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(expected)
         self.expected = expected
         self.salvaged = salvaged
+        self.bad_items = bad_items
 
 
 class Setting:
@@ -65,7 +75,7 @@ class Setting:
     value is a plain attribute, so reading configuration costs a dict lookup.
     """
 
-    __slots__ = ("attr", "default", "doc", "env", "parse", "shown_default")
+    __slots__ = ("attr", "default", "doc", "env", "parse", "shown_default", "unit")
 
     def __init__(
         self,
@@ -74,6 +84,7 @@ class Setting:
         default: Any,
         doc: str,
         shown_default: str | None = None,
+        unit: str = "",
     ) -> None:
         self.env = env
         self.parse = parse
@@ -81,6 +92,7 @@ class Setting:
         self.doc = doc
         self.attr = ""
         self.shown_default = shown_default
+        self.unit = unit  # "ms" (parsed to seconds) or "s": how --check shows the value
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.attr = name
@@ -96,12 +108,26 @@ class Setting:
             return self.shown_default
         return describe(self.default)
 
+    def show(self, value: object) -> str:
+        """A parsed value as it is set in the environment, with its unit (``1000 ms``)."""
+        if value is None:
+            return "none"
+        if self.unit == "ms" and isinstance(value, (int, float)):
+            value = round(value * 1000, 6)  # parsed to seconds; round off the float error
+        text = describe(value)
+        return f"{text} {self.unit}" if self.unit else text
+
 
 def setting(
-    env: str, parse: Callable[[str], T], default: T, doc: str, shown_default: str | None = None
+    env: str,
+    parse: Callable[[str], T],
+    default: T,
+    doc: str,
+    shown_default: str | None = None,
+    unit: str = "",
 ) -> T:
     """Declare a setting. Typed as its value so ``config.enabled`` is a ``bool``."""
-    return Setting(env, parse, default, doc, shown_default)  # type: ignore[return-value]
+    return Setting(env, parse, default, doc, shown_default, unit)  # type: ignore[return-value]
 
 
 def describe(value: object) -> str:
@@ -253,14 +279,16 @@ def parse_log_level(raw: str) -> str:
 
 def parse_instrumentations(raw: str) -> frozenset[str]:
     """A comma list of instrumentation names, or ``all``."""
-    names = {n.strip().lower() for n in raw.split(",") if n.strip()}
+    items = [n.strip() for n in raw.split(",") if n.strip()]
+    names = {n.lower() for n in items}
     if "all" in names:
         return frozenset(INSTRUMENTATIONS)
-    unknown = names.difference(INSTRUMENTATIONS)
+    unknown = tuple(n for n in items if n.lower() not in INSTRUMENTATIONS)
     if unknown:
         raise InvalidValue(
             "a comma list of " + ", ".join(INSTRUMENTATIONS) + ", or all",
             salvaged=frozenset(names.intersection(INSTRUMENTATIONS)),
+            bad_items=unknown,
         )
     return frozenset(names)
 
@@ -276,33 +304,39 @@ def parse_timing_type(raw: str) -> str:
 def parse_tags(raw: str) -> tuple[str, ...]:
     """``key:value`` pairs separated by commas or spaces (as the Datadog agent reads DD_TAGS)."""
     tags = []
-    bad = False
+    bad = []
     for item in raw.replace(",", " ").split():
         key, sep, value = item.partition(":")
         if not key or not sep or not value:
-            bad = True
+            bad.append(item)
             continue
         tags.append(item)
     if bad:
-        raise InvalidValue("key:value pairs separated by commas or spaces", salvaged=tuple(tags))
+        raise InvalidValue(
+            "key:value pairs separated by commas or spaces",
+            salvaged=tuple(tags),
+            bad_items=tuple(bad),
+        )
     return tuple(tags)
 
 
 def parse_endpoint_names(raw: str) -> dict[str, str]:
     """``netloc=name`` pairs separated by commas, e.g. ``10.0.0.5:8000=users-api``."""
     names: dict[str, str] = {}
-    bad = False
+    bad = []
     for item in raw.split(","):
         if not item.strip():
             continue
         netloc, sep, name = item.partition("=")
         netloc, name = netloc.strip().lower(), name.strip()
         if not sep or not netloc or not name:
-            bad = True
+            bad.append(item.strip())
             continue
         names[netloc] = name
     if bad:
-        raise InvalidValue("netloc=name pairs separated by commas", salvaged=names)
+        raise InvalidValue(
+            "netloc=name pairs separated by commas", salvaged=names, bad_items=tuple(bad)
+        )
     return names
 
 
@@ -486,18 +520,21 @@ class Config:
         parse_positive_seconds,
         1.0,
         "Seconds between sends from the background thread; metrics are also sent at exit.",
+        unit="s",
     )
     request_timeout = setting(
         "TALISKER_REQUEST_TIMEOUT",
         parse_milliseconds,
         None,
         "Milliseconds: the deadline of every incoming request.",
+        unit="ms",
     )
     soft_request_timeout = setting(
         "TALISKER_SOFT_REQUEST_TIMEOUT",
         parse_milliseconds,
         None,
         "Milliseconds: slower incoming requests are logged as a warning and counted.",
+        unit="ms",
     )
     endpoint_names: dict[str, str] = setting(
         "TALISKER_ENDPOINT_NAMES",
@@ -511,6 +548,7 @@ class Config:
         parse_interval,
         10.0,
         "Seconds between process CPU metrics; `0` turns them off.",
+        unit="s",
     )
     log_level = setting(
         "TALISKER_LOG_LEVEL",
@@ -591,15 +629,17 @@ def redact(raw: str) -> str:
 def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Config:
     """Read every setting from ``environ`` (default ``os.environ``).
 
-    A bad value is named in one warning (variable, value, what is used
-    instead) and the default, or the usable part of the value, is used. With
-    ``strict=True`` the first bad value raises :class:`ConfigError` instead.
+    A bad value is named in one warning (variable, value, its bad items, what
+    is used instead) and the default, or the usable part of the value, is used.
+    With ``strict=True`` a :class:`ConfigError` naming every bad value is raised
+    instead.
     """
     if environ is None:
         environ = os.environ
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
-    problems: list[str] = []
+    warnings: list[str] = []
+    errors: list[tuple[str, str]] = []
     for s in SETTINGS:
         raw = environ.get(s.env)
         if raw is None:
@@ -609,23 +649,28 @@ def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Conf
             values[s.attr], sources[s.attr] = s.parse(raw), "env"
         except InvalidValue as exc:
             used = s.default if exc.salvaged is None else exc.salvaged
-            shown = redact(raw)  # never a password in a log line
-            message = (
-                f"agent: {s.env}={shown!r} is not valid (expected {exc.expected}); "
-                f"using {describe(used)!r} instead"
-            )
-            if strict:
-                raise ConfigError(
-                    s.env, f"{s.env}={shown!r} is not valid: expected {exc.expected}"
-                ) from None
             values[s.attr], sources[s.attr] = used, "invalid"
-            problems.append(message)
-    if problems:
+            shown = f"{s.env}={redact(raw)!r} is not valid"
+            detail = _problem(exc)
+            errors.append((s.env, f"{shown}: {detail}"))
+            warnings.append(f"agent: {shown} ({detail}); using {describe(used)!r} instead")
+    if strict and errors:
+        raise ConfigError(errors)
+    if warnings:
         from agent._log import logger
 
-        for message in problems:
+        for message in warnings:
             logger().warning("%s", message)
     return Config(values, sources)
+
+
+def _problem(exc: InvalidValue) -> str:
+    """What is wrong with a value: its bad items, if a list, and what was expected."""
+    if not exc.bad_items:
+        return f"expected {exc.expected}"
+    items = ", ".join(repr(redact(item)) for item in exc.bad_items)
+    noun = "bad item" if len(exc.bad_items) == 1 else "bad items"
+    return f"{noun} {items}; expected {exc.expected}"
 
 
 def markdown_table() -> str:

@@ -196,3 +196,38 @@ def test_a_bad_url_setting_never_shows_its_password(caplog):
     with pytest.raises(ConfigError) as info:
         load({"DD_DOGSTATSD_URL": "tcp://bob:s3cret@x:1"}, strict=True)
     assert "s3cret" not in str(info.value)
+
+
+def _agent_messages(caplog):
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "agent")
+
+
+# -- every problem named ---------------------------------------------------------------
+
+
+def test_strict_mode_names_every_bad_variable():
+    with pytest.raises(ConfigError) as info:
+        load(
+            {"TALISKER_REQUEST_TIMEOUT": "abc", "DD_DOGSTATSD_PORT": "99999", "DD_ENV": "prod"},
+            strict=True,
+        )
+    assert info.value.variables == ["DD_DOGSTATSD_PORT", "TALISKER_REQUEST_TIMEOUT"]
+    message = str(info.value)
+    assert "TALISKER_REQUEST_TIMEOUT='abc'" in message and "DD_DOGSTATSD_PORT='99999'" in message
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "bad"),
+    [
+        ("TALISKER_DISABLED_INSTRUMENTATIONS", "requests,nonsense", "'nonsense'"),
+        ("DD_TAGS", "team:core,:orphan", "':orphan'"),
+        ("TALISKER_ENDPOINT_NAMES", "db:5432=orders,users-api", "'users-api'"),
+    ],
+)
+def test_a_bad_item_of_a_list_is_named(caplog, env, value, bad):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        load({env: value})
+    with pytest.raises(ConfigError) as info:
+        load({env: value}, strict=True)
+    assert bad in _agent_messages(caplog)
+    assert bad in str(info.value)

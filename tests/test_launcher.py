@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -96,6 +97,59 @@ def test_an_invalid_configuration_exits_2_naming_the_variable(tmp_path):
     assert not marker.exists()
 
 
+def test_an_invalid_configuration_exits_2_naming_every_bad_variable_and_item():
+    proc = talisker_run(
+        sys.executable,
+        "-c",
+        "pass",
+        env={
+            "TALISKER_REQUEST_TIMEOUT": "abc",
+            "DD_DOGSTATSD_PORT": "99999",
+            "TALISKER_DISABLED_INSTRUMENTATIONS": "requests,nonsense",
+        },
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert all(line.startswith("talisker-run: ") for line in lines)
+    assert "TALISKER_REQUEST_TIMEOUT='abc'" in proc.stderr
+    assert "DD_DOGSTATSD_PORT='99999'" in proc.stderr
+    assert "'nonsense'" in proc.stderr
+
+
+def test_check_shows_durations_in_the_unit_they_are_set_in():
+    proc = talisker_run("--check", env={"TALISKER_REQUEST_TIMEOUT": "1000"})
+    assert proc.returncode == 0, proc.stderr
+    settings = {
+        line.split()[0]: line.split(None, 1)[1]
+        for line in proc.stdout.splitlines()
+        if "  (" in line
+    }
+    assert settings["TALISKER_REQUEST_TIMEOUT"] == "1000 ms  (set)"
+    assert settings["TALISKER_SOFT_REQUEST_TIMEOUT"] == "none  (default)"
+    assert settings["TALISKER_METRICS_FLUSH_INTERVAL"] == "1 s  (default)"
+    assert settings["TALISKER_RUNTIME_METRICS_INTERVAL"] == "10 s  (default)"
+
+
+def test_check_into_a_closed_pipe_prints_no_traceback():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `talisker-run --check | head -1` once head has exited
+    try:
+        proc = subprocess.run(
+            [TALISKER_RUN, "--check"],
+            env=clean_env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == 141  # what a shell reports for a command ended by SIGPIPE
+
+
 def test_help_version_and_usage_errors():
     help_ = talisker_run("--help")
     assert help_.returncode == 0 and "usage: talisker-run" in help_.stdout
@@ -122,7 +176,7 @@ def test_check_prints_configuration_instrumentations_and_destination():
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "TALISKER_REQUEST_TIMEOUT" in out and "1.5" in out
+    assert "TALISKER_REQUEST_TIMEOUT" in out and "1500 ms" in out
     assert "requests  active when imported" in out
     assert "psycopg2  off (TALISKER_DISABLED_INSTRUMENTATIONS)" in out
     assert "udp://does-not-resolve.invalid:8125" in out and "does NOT resolve" in out
