@@ -148,7 +148,8 @@ def print_check(cfg: config.Config, out: TextIO) -> None:
     out.write("\nconfiguration:\n")
     width = max(len(s.env) for s in config.SETTINGS)
     for s in config.SETTINGS:
-        value = s.show(getattr(cfg, s.attr)) or '""'
+        # Any setting may hold a URL with user info (DD_TAGS, DD_SERVICE...): never show it.
+        value = config.redact(s.show(getattr(cfg, s.attr))) or '""'
         source = "set" if cfg.sources[s.attr] == "env" else "default"
         out.write(f"  {s.env:<{width}}  {value}  ({source})\n")
     out.write("\ninstrumentations:\n")

@@ -328,7 +328,8 @@ def parse_endpoint_names(raw: str) -> dict[str, str]:
         if not item.strip():
             continue
         netloc, sep, name = item.partition("=")
-        netloc, name = netloc.strip().lower(), name.strip()
+        # A netloc never matches with user info in it (peers are host:port); never keep it.
+        netloc, name = netloc.rpartition("@")[2].strip().lower(), name.strip()
         if not sep or not netloc or not name:
             bad.append(item.strip())
             continue
@@ -378,8 +379,19 @@ class Destination:
         return hash(str(self))
 
 
+def _without_user_info(rest: str) -> str:
+    """What follows ``scheme://`` without its user info, never kept.
+
+    The user info ends at the last ``@`` before any query string: a password
+    may hold a ``/`` or an ``@`` that its author did not percent-encode.
+    """
+    before_query = rest.partition("?")[0]
+    if "@" in before_query:
+        return rest[before_query.rindex("@") + 1 :]
+    return rest
+
+
 def _split_host_port(netloc: str, default_port: int | None) -> tuple[str, int]:
-    netloc = netloc.rpartition("@")[2]  # never keep user info
     if netloc.startswith("["):
         host, _, rest = netloc[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -406,7 +418,7 @@ def parse_dogstatsd_url(raw: str) -> Destination | None:
         raise InvalidValue(expected)
     if scheme == "udp":
         try:
-            host, port = _split_host_port(rest.partition("/")[0], None)
+            host, port = _split_host_port(_without_user_info(rest).partition("/")[0], None)
         except InvalidValue:
             raise InvalidValue(expected) from None
         return Destination("udp", host=host, port=port)
@@ -424,7 +436,7 @@ def parse_statsd_dsn(raw: str) -> Destination | None:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() != "udp":
         raise InvalidValue(expected)
-    netloc, _, path = rest.partition("/")
+    netloc, _, path = _without_user_info(rest).partition("/")
     try:
         host, port = _split_host_port(netloc, 8125)
         prefix = parse_prefix(path.partition("?")[0].replace("/", "."))
@@ -615,15 +627,23 @@ current: Config | None = None
 SETTINGS: tuple[Setting, ...] = tuple(v for v in vars(Config).values() if isinstance(v, Setting))
 
 
-def redact(raw: str) -> str:
-    """A value as it may be shown in a message: URL user info replaced by ``***``."""
-    scheme, sep, rest = raw.partition("://")
+def redact(text: str) -> str:
+    """``text`` as it may be shown in a message: user info and URL query strings as ``***``.
+
+    Cautious by design, for any setting, URL or not: everything before the last
+    ``@`` (or ``%40``) is taken as user info, since a password may hold ``/``,
+    ``@``, ``:`` or ``,``. ``udp://bob:pa/ss@statsd:8125`` gives
+    ``udp://***@statsd:8125``.
+    """
+    scheme, sep, rest = text.partition("://")
     if not sep:
-        return raw
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
-        return raw
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+        scheme, rest = "", text
+    at = max(rest.rfind("@"), rest.lower().rfind("%40"))
+    if at >= 0:
+        rest = "***" + rest[at:]
+    if sep and "?" in rest:
+        rest = rest.partition("?")[0] + "?***"
+    return f"{scheme}{sep}{rest}"
 
 
 def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Config:
@@ -632,7 +652,7 @@ def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Conf
     A bad value is named in one warning (variable, value, its bad items, what
     is used instead) and the default, or the usable part of the value, is used.
     With ``strict=True`` a :class:`ConfigError` naming every bad value is raised
-    instead.
+    instead. No message shows URL user info (see :func:`redact`).
     """
     if environ is None:
         environ = os.environ
@@ -653,7 +673,7 @@ def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Conf
             shown = f"{s.env}={redact(raw)!r} is not valid"
             detail = _problem(exc)
             errors.append((s.env, f"{shown}: {detail}"))
-            warnings.append(f"agent: {shown} ({detail}); using {describe(used)!r} instead")
+            warnings.append(f"agent: {shown} ({detail}); using {redact(describe(used))!r} instead")
     if strict and errors:
         raise ConfigError(errors)
     if warnings:

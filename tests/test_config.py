@@ -198,8 +198,69 @@ def test_a_bad_url_setting_never_shows_its_password(caplog):
     assert "s3cret" not in str(info.value)
 
 
+# -- secrets never shown -------------------------------------------------------------
+
+#: URL user info in the shapes people write it, and the fragments that must never show.
+USER_INFO = [
+    ("bob42:s3/cr3t@", ("bob42", "s3", "cr3t")),  # "/" in the password
+    ("bob42:s3@cr3t@", ("bob42", "s3", "cr3t")),  # "@" in the password
+    ("bob42:s3%40cr3t@", ("bob42", "s3", "cr3t")),  # "@" percent-encoded
+    ("bob42:9000/cr3t@", ("bob42", "9000", "cr3t")),  # a password that starts like a port
+    ("bob42@", ("bob42",)),  # a user without a password
+]
+URL_SETTINGS = [("DD_DOGSTATSD_URL", ""), ("STATSD_DSN", "/app")]
+
+
 def _agent_messages(caplog):
     return "\n".join(r.getMessage() for r in caplog.records if r.name == "agent")
+
+
+@pytest.mark.parametrize(("user_info", "secrets"), USER_INFO)
+@pytest.mark.parametrize(("env", "path"), URL_SETTINGS)
+def test_a_bad_url_setting_never_shows_its_user_info(caplog, env, path, user_info, secrets):
+    value = f"tcp://{user_info}statsd:8125{path}"  # bad: the scheme
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        load({env: value})
+    with pytest.raises(ConfigError) as info:
+        load({env: value}, strict=True)
+    shown = _agent_messages(caplog) + "\n" + str(info.value)
+    assert env in _agent_messages(caplog) and "tcp://***@statsd:8125" in str(info.value)
+    for secret in secrets:
+        assert secret not in shown
+
+
+@pytest.mark.parametrize(("user_info", "secrets"), USER_INFO)
+@pytest.mark.parametrize(("env", "path"), URL_SETTINGS)
+def test_a_url_setting_with_user_info_is_read_as_its_host_and_port(env, path, user_info, secrets):
+    cfg = load({env: f"udp://{user_info}statsd:8125{path}"}, strict=True)
+    assert cfg.destination == Destination("udp", host="statsd", port=8125)
+    for secret in secrets:
+        assert secret not in str(cfg.destination) and secret not in repr(cfg.destination)
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("DD_AGENT_HOST", "bob42:s3cr3t@statsd"),
+        ("DD_AGENT_HOST", "http://bob42:s3/cr3t@statsd"),
+        ("TALISKER_ENDPOINT_NAMES", "http://bob42:s3cr3t@api:80"),
+        ("DD_TAGS", "url:http://bob42:s3cr3t@api :bad"),  # the good tag is what is "used instead"
+        ("TALISKER_ID_HEADER", "https://bob42:s3cr3t@api/"),
+    ],
+)
+def test_a_url_like_value_in_any_setting_never_shows_its_user_info(caplog, env, value):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        load({env: value})
+    with pytest.raises(ConfigError) as info:
+        load({env: value}, strict=True)
+    shown = _agent_messages(caplog) + "\n" + str(info.value)
+    assert env in shown and "***@" in shown
+    assert "bob42" not in shown and "s3" not in shown and "cr3t" not in shown
+
+
+def test_endpoint_names_drop_user_info_from_the_netloc():
+    cfg = load({"TALISKER_ENDPOINT_NAMES": "bob42:s3cr3t@10.0.0.5:8000=users-api"}, strict=True)
+    assert cfg.endpoint_names == {"10.0.0.5:8000": "users-api"}
 
 
 # -- every problem named ---------------------------------------------------------------

@@ -117,6 +117,42 @@ def test_an_invalid_configuration_exits_2_naming_every_bad_variable_and_item():
     assert "'nonsense'" in proc.stderr
 
 
+SECRETS = ("bob42", "s3", "cr3t")
+
+
+def test_check_never_shows_a_configured_secret():
+    proc = talisker_run(
+        "--check",
+        env={
+            "DD_DOGSTATSD_URL": "udp://bob42:s3/cr3t@127.0.0.1:8125",
+            "STATSD_DSN": "udp://bob42:s3@cr3t@127.0.0.1:8126/app",
+            "TALISKER_ENDPOINT_NAMES": "bob42:s3cr3t@api:80=users",
+            "DD_TAGS": "url:http://bob42:s3cr3t@api",
+        },
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "udp://127.0.0.1:8125" in proc.stdout and "udp://127.0.0.1:8126" in proc.stdout
+    for secret in SECRETS:
+        assert secret not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("DD_DOGSTATSD_URL", "udp://bob42:s3/cr3t@127.0.0.1:80000"),
+        ("STATSD_DSN", "tcp://bob42:s3/cr3t@statsd:8125/app"),
+        ("DD_AGENT_HOST", "bob42:s3cr3t@statsd"),
+    ],
+)
+def test_the_exit_2_message_never_shows_a_configured_secret(env, value):
+    for args in (("--check",), (sys.executable, "-c", "pass")):
+        proc = talisker_run(*args, env={env: value})
+        assert proc.returncode == 2
+        assert env in proc.stderr and "***@" in proc.stderr
+        for secret in SECRETS:
+            assert secret not in proc.stdout + proc.stderr
+
+
 def test_check_shows_durations_in_the_unit_they_are_set_in():
     proc = talisker_run("--check", env={"TALISKER_REQUEST_TIMEOUT": "1000"})
     assert proc.returncode == 0, proc.stderr
