@@ -302,18 +302,21 @@ def parse_timing_type(raw: str) -> str:
 
 
 def parse_tags(raw: str) -> tuple[str, ...]:
-    """``key:value`` pairs separated by commas or spaces (as the Datadog agent reads DD_TAGS)."""
+    """``key:value`` pairs or bare ``key`` tags, separated by commas or spaces.
+
+    As the Datadog agent and ddtrace read ``DD_TAGS``; DogStatsD carries a bare tag.
+    """
     tags = []
     bad = []
     for item in raw.replace(",", " ").split():
         key, sep, value = item.partition(":")
-        if not key or not sep or not value:
+        if not key or (sep and not value):
             bad.append(item)
             continue
         tags.append(item)
     if bad:
         raise InvalidValue(
-            "key:value pairs separated by commas or spaces",
+            "key:value pairs or bare keys, separated by commas or spaces",
             salvaged=tuple(tags),
             bad_items=tuple(bad),
         )
@@ -505,7 +508,7 @@ class Config:
         "DD_TAGS",
         parse_tags,
         (),
-        "Constant tags: `key:value` pairs separated by commas or spaces.",
+        "Constant tags: `key:value` pairs or bare `key` tags, separated by commas or spaces.",
         shown_default="empty",
     )
     metrics_prefix = setting(

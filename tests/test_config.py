@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
+from agent import config, metrics
 from agent.config import SETTINGS, ConfigError, Destination, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,8 @@ def test_strict_mode_raises_naming_the_variable():
         ("STATSD_DSN", "http://localhost:8125"),
         ("TALISKER_METRICS_PREFIX", "9lives"),
         ("TALISKER_ID_HEADER", "X Request Id"),
-        ("DD_TAGS", "novalue"),
+        ("DD_TAGS", ":novalue"),
+        ("DD_TAGS", "key:"),
         ("TALISKER_ENDPOINT_NAMES", "10.0.0.5:8000"),
         ("TALISKER_LOG_LEVEL", "LOUD"),
         ("TALISKER_METRICS_MAX_TAG_VALUES", "0"),
@@ -261,6 +262,24 @@ def test_a_url_like_value_in_any_setting_never_shows_its_user_info(caplog, env, 
 def test_endpoint_names_drop_user_info_from_the_netloc():
     cfg = load({"TALISKER_ENDPOINT_NAMES": "bob42:s3cr3t@10.0.0.5:8000=users-api"}, strict=True)
     assert cfg.endpoint_names == {"10.0.0.5:8000": "users-api"}
+
+
+# -- DD_TAGS: bare tags ----------------------------------------------------------------
+
+
+def test_a_tag_without_a_value_is_accepted(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        cfg = load({"DD_TAGS": "team:core,canary blue"}, strict=True)
+    assert cfg.tags == ("team:core", "canary", "blue")
+    assert not _agent_messages(caplog)
+
+
+def test_a_bare_tag_is_sent_bare(install_agent, statsd):
+    install_agent(DD_TAGS="team:core,canary")
+    metrics.count("requests.count", 1, (("peer", "a"),))
+    assert statsd.wait_total("talisker.requests.count", 1) == 1
+    (m,) = statsd.find("talisker.requests.count")
+    assert m.tags == ["peer:a", "team:core", "canary"]
 
 
 # -- every problem named ---------------------------------------------------------------

@@ -117,6 +117,12 @@ def test_an_invalid_configuration_exits_2_naming_every_bad_variable_and_item():
     assert "'nonsense'" in proc.stderr
 
 
+def test_a_tag_without_a_value_does_not_stop_talisker_run():
+    proc = talisker_run(sys.executable, "-c", "print('ran')", env={"DD_TAGS": "team:core,canary"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ran\n"
+
+
 SECRETS = ("bob42", "s3", "cr3t")
 
 
