@@ -172,18 +172,9 @@ def _instrumentation_state(cfg: config.Config, name: str) -> str:
         return "off (TALISKER_DISABLED_INSTRUMENTATIONS)"
     if importlib.util.find_spec(name) is None:
         return "not installed"
-    return f"active when imported ({name} {_version_of(name)})"
+    from agent.registry import target_version
 
-
-def _version_of(name: str) -> str:
-    from importlib import metadata
-
-    for dist in (name, f"{name}-binary", name.capitalize()):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "version unknown"
+    return f"active when imported ({name} {target_version(name)})"
 
 
 def _destination_state(dest: config.Destination) -> str:

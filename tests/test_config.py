@@ -9,6 +9,7 @@ import pytest
 
 from agent import config, metrics
 from agent.config import SETTINGS, ConfigError, Destination, load
+from tests.support.proc import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -311,3 +312,63 @@ def test_a_bad_item_of_a_list_is_named(caplog, env, value, bad):
         load({env: value}, strict=True)
     assert bad in _agent_messages(caplog)
     assert bad in str(info.value)
+
+
+# -- the agent's own logger ------------------------------------------------------------
+
+SHOW_LEVEL = """
+import agent
+from agent import _log, config
+if {early}:  # the logger already exists when the configuration is installed
+    _log.logger()
+agent.install(config.load({{"TALISKER_LOG_LEVEL": {level!r}, "TALISKER_METRICS_ENABLED": "false"}}))
+_log.debug("agent: a debug line")
+_log.logger().info("agent: an info line")
+"""
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_the_log_level_of_a_config_passed_to_install_is_used(early):
+    debug = run_python(SHOW_LEVEL.format(level="DEBUG", early=early), {"TALISKER_ENABLED": "false"})
+    assert "agent: a debug line" in debug.stderr and "agent: an info line" in debug.stderr
+    quiet = run_python(
+        SHOW_LEVEL.format(level="WARNING", early=early),
+        {"TALISKER_ENABLED": "false", "TALISKER_LOG_LEVEL": "DEBUG"},
+    )
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_the_agent_prefix_is_shown_once():
+    env = {"TALISKER_ENABLED": "false", "TALISKER_LOG_LEVEL": "DEBUG"}
+    proc = run_python(SHOW_LEVEL.format(level="DEBUG", early=False), env)
+    (line,) = [line for line in proc.stderr.splitlines() if "a debug line" in line]
+    assert line.endswith(" DEBUG agent: a debug line"), line
+
+
+def test_each_instrumentation_installed_is_named_at_debug_with_its_version():
+    from importlib import metadata
+
+    proc = run_python(
+        "import agent, requests, psycopg2, flask",
+        {"TALISKER_ENABLED": "true", "TALISKER_LOG_LEVEL": "DEBUG"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "agent: instrumented" in line]
+    expected = {
+        "urllib3": metadata.version("urllib3"),
+        "requests": metadata.version("requests"),
+        "psycopg2": metadata.version("psycopg2-binary"),
+        "flask": metadata.version("flask"),
+    }
+    assert len(lines) == len(expected), proc.stderr
+    for name, version in expected.items():
+        (line,) = [line for line in lines if f"agent: instrumented {name} " in line]
+        assert f"{name} {version} (" in line, line
+    (urllib3_line,) = [line for line in lines if "instrumented urllib3" in line]
+    assert "urllib3.connectionpool:HTTPConnectionPool.urlopen" in urllib3_line
+    assert "urllib3.poolmanager:PoolManager.urlopen" in urllib3_line
+
+
+def test_nothing_is_logged_about_instrumentations_at_the_default_level():
+    proc = run_python("import agent, requests", {"TALISKER_ENABLED": "true"})
+    assert proc.returncode == 0 and proc.stderr == ""
