@@ -94,7 +94,7 @@ def _main(args: list[str]) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = _with_bootstrap(env.get("PYTHONPATH", ""))
     if print_metrics:
-        return _run_printing_metrics(args, env)
+        return _run_printing_metrics(args, env, cfg)
     try:
         os.execvpe(args[0], args, env)
     except FileNotFoundError:
@@ -112,11 +112,12 @@ def _with_bootstrap(pythonpath: str) -> str:
     return os.pathsep.join([BOOTSTRAP, *entries])
 
 
-def _run_printing_metrics(args: list[str], env: dict[str, str]) -> int:
+def _run_printing_metrics(args: list[str], env: dict[str, str], cfg: config.Config) -> int:
     import signal
     import subprocess
 
-    from agent._receiver import Collector
+    from agent._receiver import WIDTH, Collector
+    from agent.metrics import constant_tags
 
     collector = Collector()
     env["DD_DOGSTATSD_URL"] = collector.url
@@ -134,8 +135,15 @@ def _run_printing_metrics(args: list[str], env: dict[str, str]) -> int:
         signal.signal(signum, forward)
     status = child.wait()
     collector.settle()
-    sys.stderr.write(f"\ntalisker-run: metrics sent by {' '.join(args)}:\n")
-    collector.render(sys.stderr)
+    command = " ".join(args)
+    title = f"talisker-run: metrics sent by {command}:"
+    if len(title) > WIDTH:
+        title = title[: WIDTH - 4] + "...:"
+    try:
+        sys.stderr.write(f"\n{title}\n")
+        collector.render(sys.stderr, constant_tags(cfg))
+    except BrokenPipeError:  # the report is lost, the command's status is not
+        _silence_output()
     collector.close()
     return status if status >= 0 else 128 - status
 

@@ -240,10 +240,79 @@ def test_print_metrics_shows_what_the_program_sent(tmp_path, http_server):
     proc = talisker_run("--print-metrics", sys.executable, str(app))
     assert proc.returncode == 3
     table = proc.stderr
-    assert "metric" in table and "p95" in table
+    assert "samples" in table and "p95" in table
     assert "talisker.requests.count" in table and "status:503" in table
     assert "talisker.requests.errors" in table and "code:503" in table
     assert "talisker.work.latency" in table
+
+
+def print_metrics_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The lines of the table ``--print-metrics`` writes after the command's output."""
+    marker = "talisker-run: metrics sent by "
+    assert marker in proc.stderr, proc.stderr
+    return proc.stderr[proc.stderr.index(marker) :].splitlines()
+
+
+def test_print_metrics_fits_in_100_columns_with_constant_tags_shown_once(tmp_path, http_server):
+    app = write(
+        tmp_path / "app.py",
+        f"""
+        import requests, agent
+        from agent import metrics
+        agent.register_endpoint_name({http_server.netloc!r}, "a-rather-long-endpoint-name")
+        for status in (200, 503):
+            requests.get({http_server.url!r} + f"/status/{{status}}")
+        with agent.timed("work", tags={{"step": "s" * 60, "phase": "p" * 40}}):
+            pass
+        metrics.gauge("queue.depth", 3)
+        metrics.gauge("queue.depth", 5)
+        """,
+    )
+    env = {
+        "DD_SERVICE": "billing",
+        "DD_ENV": "prod",
+        "DD_VERSION": "1.2.3",
+        "DD_TAGS": "team:core,canary",
+    }
+    proc = talisker_run("--print-metrics", sys.executable, str(app), env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = print_metrics_lines(proc)
+    assert max(len(line) for line in lines) <= 100, "\n".join(lines)
+    (constant,) = [line for line in lines if "service:billing" in line]
+    assert constant.startswith("constant tags")
+    assert constant.split(": ", 1)[1].split() == [
+        "service:billing",
+        "env:prod",
+        "version:1.2.3",
+        "team:core",
+        "canary",
+    ]
+    assert not [line for line in lines if "team:core" in line and line is not constant]
+    # Each metric heads its rows and says what their figures are.
+    headings = {line.split()[0]: i for i, line in enumerate(lines) if line.startswith("talisker.")}
+    count = lines[headings["talisker.requests.count"]]
+    assert count.split()[-1] == "total"
+    depth = headings["talisker.queue.depth"]
+    assert lines[depth].split()[-1] == "last" and lines[depth + 1].split()[-1] == "5"
+    latency = lines[headings["talisker.work.latency"]]
+    assert latency.split()[-4:] == ["samples", "p50", "p95", "max"]
+    text = "\n".join(lines)
+    assert "s" * 60 in text and "p" * 40 in text  # long tags wrap, they are not cut
+
+
+def test_print_metrics_of_the_demo_fits_in_100_columns():
+    proc = talisker_run(
+        "--print-metrics",
+        sys.executable,
+        "-m",
+        "agent.demo",
+        env={"DD_SERVICE": "demo"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = print_metrics_lines(proc)
+    assert len(lines) > 20
+    assert max(len(line) for line in lines) <= 100, "\n".join(lines)
 
 
 def test_a_process_using_nothing_instrumented_starts_no_thread():
