@@ -54,10 +54,11 @@ def install(config: Config | None = None) -> bool:
     active. Never raises: a failure is logged once.
     """
     try:
+        from agent import _log, metrics, naming, process, registry
         from agent import config as config_module
-        from agent import metrics, naming, process, registry
 
         cfg = config if config is not None else config_module.load()
+        _log.set_level(cfg.log_level)
         with registry._lock:
             if not cfg.enabled:
                 _uninstall_locked()

@@ -19,33 +19,78 @@ if TYPE_CHECKING:
 
 _logger: logging.Logger | None = None
 _seen: set[str] = set()
+#: The level of the installed configuration (:func:`set_level`); until one is
+#: installed, ``TALISKER_LOG_LEVEL`` read from the environment.
+_level: str | None = None
+_handler: logging.Handler | None = None  # ours, when the application configured none
+
+#: Our records start with "agent: " (the application's format may not show the
+#: logger's name), so our own handler's format does not repeat the name.
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def _configured_level() -> str:
+    global _level
+    if _level is None:
+        from agent.config import InvalidValue, parse_log_level
+
+        try:
+            # Read here, not from a loaded Config: loading one may need this logger.
+            _level = parse_log_level(os.environ.get("TALISKER_LOG_LEVEL", "WARNING"))
+        except InvalidValue:
+            _level = "WARNING"  # load() names the bad value in its own warning
+    return _level
 
 
 def logger() -> logging.Logger:
-    """The ``agent`` logger, with its level from ``TALISKER_LOG_LEVEL``."""
+    """The ``agent`` logger, at the level of ``TALISKER_LOG_LEVEL``."""
     global _logger
     if _logger is None:
         import logging
 
-        from agent.config import InvalidValue, parse_log_level
-
         log = logging.getLogger("agent")
-        try:
-            # Read here, not from a loaded Config: loading one may need this logger.
-            level = parse_log_level(os.environ.get("TALISKER_LOG_LEVEL", "WARNING"))
-        except InvalidValue:
-            level = "WARNING"  # load() names the bad value in its own warning
-        log.setLevel(level)
-        # Asking for debug output and seeing none because the application never
-        # configured logging helps no one: give the agent's logger a handler then.
-        if level in ("DEBUG", "INFO") and not log.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(
-                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-            )
-            log.addHandler(handler)
+        _apply(log, _configured_level())
         _logger = log
     return _logger
+
+
+def set_level(level: str) -> None:
+    """Use ``level`` (the ``TALISKER_LOG_LEVEL`` of the configuration installed).
+
+    Changes the logger only when the level changes, so a level the application
+    set on the ``agent`` logger itself is not undone by installing the same
+    configuration again.
+    """
+    global _level
+    if level == _configured_level():
+        return
+    _level = level
+    if _logger is not None:
+        _apply(_logger, level)
+
+
+def _apply(log: logging.Logger, level: str) -> None:
+    global _handler
+    import logging
+
+    log.setLevel(level)
+    # Asking for debug output and seeing none because the application never
+    # configured logging helps no one: give the agent's logger a handler then.
+    wanted = level in ("DEBUG", "INFO")
+    if wanted and _handler is None and not log.handlers and not logging.getLogger().handlers:
+        _handler = logging.StreamHandler()
+        _handler.setFormatter(logging.Formatter(FORMAT))
+        log.addHandler(_handler)
+    elif not wanted and _handler is not None:
+        log.removeHandler(_handler)
+        _handler = None
+
+
+def debug_enabled() -> bool:
+    """Whether a debug record would be logged; imports ``logging`` only if it would."""
+    if _logger is not None:
+        return _logger.isEnabledFor(10)
+    return _configured_level() == "DEBUG"
 
 
 def log_once(key: str, message: str, *args: object, exc_info: bool = False) -> None:
@@ -65,9 +110,8 @@ def log_once(key: str, message: str, *args: object, exc_info: bool = False) -> N
 
 def debug(message: str, *args: object) -> None:
     """A debug record, without importing logging when debug output is off."""
-    log = logger()
-    if log.isEnabledFor(10):
-        log.debug(message, *args)
+    if debug_enabled():
+        logger().debug(message, *args)
 
 
 class RateLimited:

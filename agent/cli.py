@@ -30,16 +30,37 @@ options:
   -h, --help       show this help and exit
   --version        show the version and exit
 
-Configuration is read from the environment (TALISKER_*, DD_*); an invalid value
-stops talisker-run with status 2 before CMD starts.
+Configuration is read from the environment (TALISKER_*, DD_*); invalid values
+stop talisker-run with status 2 before CMD starts, each one named.
 """
 
 BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
 
 
+#: What a shell reports for a command ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``talisker-run`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `talisker-run --check | head`: the reader is gone
+        _silence_output()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_output() -> None:
+    """Point stdout and stderr at /dev/null, so the flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # pragma: no cover - a closed or unusual stream
+            pass
+
+
+def _main(args: list[str]) -> int:
     check = print_metrics = False
     while args and args[0].startswith("-"):
         option = args.pop(0)
@@ -61,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(strict=True)
     except config.ConfigError as exc:
-        sys.stderr.write(f"talisker-run: {exc}\n")
+        for _, message in exc.problems:
+            sys.stderr.write(f"talisker-run: {message}\n")
         return 2
     if check:
         print_check(cfg, sys.stdout)
@@ -72,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = _with_bootstrap(env.get("PYTHONPATH", ""))
     if print_metrics:
-        return _run_printing_metrics(args, env)
+        return _run_printing_metrics(args, env, cfg)
     try:
         os.execvpe(args[0], args, env)
     except FileNotFoundError:
@@ -90,11 +112,12 @@ def _with_bootstrap(pythonpath: str) -> str:
     return os.pathsep.join([BOOTSTRAP, *entries])
 
 
-def _run_printing_metrics(args: list[str], env: dict[str, str]) -> int:
+def _run_printing_metrics(args: list[str], env: dict[str, str], cfg: config.Config) -> int:
     import signal
     import subprocess
 
-    from agent._receiver import Collector
+    from agent._receiver import WIDTH, Collector
+    from agent.metrics import constant_tags
 
     collector = Collector()
     env["DD_DOGSTATSD_URL"] = collector.url
@@ -112,8 +135,15 @@ def _run_printing_metrics(args: list[str], env: dict[str, str]) -> int:
         signal.signal(signum, forward)
     status = child.wait()
     collector.settle()
-    sys.stderr.write(f"\ntalisker-run: metrics sent by {' '.join(args)}:\n")
-    collector.render(sys.stderr)
+    command = " ".join(args)
+    title = f"talisker-run: metrics sent by {command}:"
+    if len(title) > WIDTH:
+        title = title[: WIDTH - 4] + "...:"
+    try:
+        sys.stderr.write(f"\n{title}\n")
+        collector.render(sys.stderr, constant_tags(cfg))
+    except BrokenPipeError:  # the report is lost, the command's status is not
+        _silence_output()
     collector.close()
     return status if status >= 0 else 128 - status
 
@@ -126,7 +156,8 @@ def print_check(cfg: config.Config, out: TextIO) -> None:
     out.write("\nconfiguration:\n")
     width = max(len(s.env) for s in config.SETTINGS)
     for s in config.SETTINGS:
-        value = config.describe(getattr(cfg, s.attr)) or '""'
+        # Any setting may hold a URL with user info (DD_TAGS, DD_SERVICE...): never show it.
+        value = config.redact(s.show(getattr(cfg, s.attr))) or '""'
         source = "set" if cfg.sources[s.attr] == "env" else "default"
         out.write(f"  {s.env:<{width}}  {value}  ({source})\n")
     out.write("\ninstrumentations:\n")
@@ -149,18 +180,9 @@ def _instrumentation_state(cfg: config.Config, name: str) -> str:
         return "off (TALISKER_DISABLED_INSTRUMENTATIONS)"
     if importlib.util.find_spec(name) is None:
         return "not installed"
-    return f"active when imported ({name} {_version_of(name)})"
+    from agent.registry import target_version
 
-
-def _version_of(name: str) -> str:
-    from importlib import metadata
-
-    for dist in (name, f"{name}-binary", name.capitalize()):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "version unknown"
+    return f"active when imported ({name} {target_version(name)})"
 
 
 def _destination_state(dest: config.Destination) -> str:

@@ -38,24 +38,34 @@ RESERVED_TAG_KEYS = frozenset({"host", "device", "source", "service"})
 
 
 class ConfigError(ValueError):
-    """An environment variable has a value the agent cannot use (strict mode)."""
+    """Environment variables have values the agent cannot use (strict mode).
 
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(message)
-        self.variable = variable
+    ``problems`` holds one ``(variable, message)`` pair per bad variable, in
+    the order of :data:`SETTINGS`; ``str()`` is their messages, one a line.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("\n".join(message for _, message in problems))
+        self.problems = problems
+        self.variables = [variable for variable, _ in problems]
+        self.variable = self.variables[0]
 
 
 class InvalidValue(ValueError):
     """Raised by a parser: ``expected`` says what a valid value looks like.
 
     ``salvaged`` is the part of the value that could be used (for a list with
-    one bad item, the good items); it is used instead of the default.
+    bad items, the good items); it is used instead of the default.
+    ``bad_items`` names the items of a list that were not valid.
     """
 
-    def __init__(self, expected: str, salvaged: object = None) -> None:
+    def __init__(
+        self, expected: str, salvaged: object = None, bad_items: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(expected)
         self.expected = expected
         self.salvaged = salvaged
+        self.bad_items = bad_items
 
 
 class Setting:
@@ -65,7 +75,7 @@ class Setting:
     value is a plain attribute, so reading configuration costs a dict lookup.
     """
 
-    __slots__ = ("attr", "default", "doc", "env", "parse", "shown_default")
+    __slots__ = ("attr", "default", "doc", "env", "parse", "shown_default", "unit")
 
     def __init__(
         self,
@@ -74,6 +84,7 @@ class Setting:
         default: Any,
         doc: str,
         shown_default: str | None = None,
+        unit: str = "",
     ) -> None:
         self.env = env
         self.parse = parse
@@ -81,6 +92,7 @@ class Setting:
         self.doc = doc
         self.attr = ""
         self.shown_default = shown_default
+        self.unit = unit  # "ms" (parsed to seconds) or "s": how --check shows the value
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.attr = name
@@ -96,12 +108,26 @@ class Setting:
             return self.shown_default
         return describe(self.default)
 
+    def show(self, value: object) -> str:
+        """A parsed value as it is set in the environment, with its unit (``1000 ms``)."""
+        if value is None:
+            return "none"
+        if self.unit == "ms" and isinstance(value, (int, float)):
+            value = round(value * 1000, 6)  # parsed to seconds; round off the float error
+        text = describe(value)
+        return f"{text} {self.unit}" if self.unit else text
+
 
 def setting(
-    env: str, parse: Callable[[str], T], default: T, doc: str, shown_default: str | None = None
+    env: str,
+    parse: Callable[[str], T],
+    default: T,
+    doc: str,
+    shown_default: str | None = None,
+    unit: str = "",
 ) -> T:
     """Declare a setting. Typed as its value so ``config.enabled`` is a ``bool``."""
-    return Setting(env, parse, default, doc, shown_default)  # type: ignore[return-value]
+    return Setting(env, parse, default, doc, shown_default, unit)  # type: ignore[return-value]
 
 
 def describe(value: object) -> str:
@@ -253,14 +279,16 @@ def parse_log_level(raw: str) -> str:
 
 def parse_instrumentations(raw: str) -> frozenset[str]:
     """A comma list of instrumentation names, or ``all``."""
-    names = {n.strip().lower() for n in raw.split(",") if n.strip()}
+    items = [n.strip() for n in raw.split(",") if n.strip()]
+    names = {n.lower() for n in items}
     if "all" in names:
         return frozenset(INSTRUMENTATIONS)
-    unknown = names.difference(INSTRUMENTATIONS)
+    unknown = tuple(n for n in items if n.lower() not in INSTRUMENTATIONS)
     if unknown:
         raise InvalidValue(
             "a comma list of " + ", ".join(INSTRUMENTATIONS) + ", or all",
             salvaged=frozenset(names.intersection(INSTRUMENTATIONS)),
+            bad_items=unknown,
         )
     return frozenset(names)
 
@@ -274,35 +302,45 @@ def parse_timing_type(raw: str) -> str:
 
 
 def parse_tags(raw: str) -> tuple[str, ...]:
-    """``key:value`` pairs separated by commas or spaces (as the Datadog agent reads DD_TAGS)."""
+    """``key:value`` pairs or bare ``key`` tags, separated by commas or spaces.
+
+    As the Datadog agent and ddtrace read ``DD_TAGS``; DogStatsD carries a bare tag.
+    """
     tags = []
-    bad = False
+    bad = []
     for item in raw.replace(",", " ").split():
         key, sep, value = item.partition(":")
-        if not key or not sep or not value:
-            bad = True
+        if not key or (sep and not value):
+            bad.append(item)
             continue
         tags.append(item)
     if bad:
-        raise InvalidValue("key:value pairs separated by commas or spaces", salvaged=tuple(tags))
+        raise InvalidValue(
+            "key:value pairs or bare keys, separated by commas or spaces",
+            salvaged=tuple(tags),
+            bad_items=tuple(bad),
+        )
     return tuple(tags)
 
 
 def parse_endpoint_names(raw: str) -> dict[str, str]:
     """``netloc=name`` pairs separated by commas, e.g. ``10.0.0.5:8000=users-api``."""
     names: dict[str, str] = {}
-    bad = False
+    bad = []
     for item in raw.split(","):
         if not item.strip():
             continue
         netloc, sep, name = item.partition("=")
-        netloc, name = netloc.strip().lower(), name.strip()
+        # A netloc never matches with user info in it (peers are host:port); never keep it.
+        netloc, name = netloc.rpartition("@")[2].strip().lower(), name.strip()
         if not sep or not netloc or not name:
-            bad = True
+            bad.append(item.strip())
             continue
         names[netloc] = name
     if bad:
-        raise InvalidValue("netloc=name pairs separated by commas", salvaged=names)
+        raise InvalidValue(
+            "netloc=name pairs separated by commas", salvaged=names, bad_items=tuple(bad)
+        )
     return names
 
 
@@ -344,8 +382,19 @@ class Destination:
         return hash(str(self))
 
 
+def _without_user_info(rest: str) -> str:
+    """What follows ``scheme://`` without its user info, never kept.
+
+    The user info ends at the last ``@`` before any query string: a password
+    may hold a ``/`` or an ``@`` that its author did not percent-encode.
+    """
+    before_query = rest.partition("?")[0]
+    if "@" in before_query:
+        return rest[before_query.rindex("@") + 1 :]
+    return rest
+
+
 def _split_host_port(netloc: str, default_port: int | None) -> tuple[str, int]:
-    netloc = netloc.rpartition("@")[2]  # never keep user info
     if netloc.startswith("["):
         host, _, rest = netloc[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -372,7 +421,7 @@ def parse_dogstatsd_url(raw: str) -> Destination | None:
         raise InvalidValue(expected)
     if scheme == "udp":
         try:
-            host, port = _split_host_port(rest.partition("/")[0], None)
+            host, port = _split_host_port(_without_user_info(rest).partition("/")[0], None)
         except InvalidValue:
             raise InvalidValue(expected) from None
         return Destination("udp", host=host, port=port)
@@ -390,7 +439,7 @@ def parse_statsd_dsn(raw: str) -> Destination | None:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() != "udp":
         raise InvalidValue(expected)
-    netloc, _, path = rest.partition("/")
+    netloc, _, path = _without_user_info(rest).partition("/")
     try:
         host, port = _split_host_port(netloc, 8125)
         prefix = parse_prefix(path.partition("?")[0].replace("/", "."))
@@ -459,7 +508,7 @@ class Config:
         "DD_TAGS",
         parse_tags,
         (),
-        "Constant tags: `key:value` pairs separated by commas or spaces.",
+        "Constant tags: `key:value` pairs or bare `key` tags, separated by commas or spaces.",
         shown_default="empty",
     )
     metrics_prefix = setting(
@@ -486,18 +535,21 @@ class Config:
         parse_positive_seconds,
         1.0,
         "Seconds between sends from the background thread; metrics are also sent at exit.",
+        unit="s",
     )
     request_timeout = setting(
         "TALISKER_REQUEST_TIMEOUT",
         parse_milliseconds,
         None,
         "Milliseconds: the deadline of every incoming request.",
+        unit="ms",
     )
     soft_request_timeout = setting(
         "TALISKER_SOFT_REQUEST_TIMEOUT",
         parse_milliseconds,
         None,
         "Milliseconds: slower incoming requests are logged as a warning and counted.",
+        unit="ms",
     )
     endpoint_names: dict[str, str] = setting(
         "TALISKER_ENDPOINT_NAMES",
@@ -511,6 +563,7 @@ class Config:
         parse_interval,
         10.0,
         "Seconds between process CPU metrics; `0` turns them off.",
+        unit="s",
     )
     log_level = setting(
         "TALISKER_LOG_LEVEL",
@@ -577,29 +630,39 @@ current: Config | None = None
 SETTINGS: tuple[Setting, ...] = tuple(v for v in vars(Config).values() if isinstance(v, Setting))
 
 
-def redact(raw: str) -> str:
-    """A value as it may be shown in a message: URL user info replaced by ``***``."""
-    scheme, sep, rest = raw.partition("://")
+def redact(text: str) -> str:
+    """``text`` as it may be shown in a message: user info and URL query strings as ``***``.
+
+    Cautious by design, for any setting, URL or not: everything before the last
+    ``@`` (or ``%40``) is taken as user info, since a password may hold ``/``,
+    ``@``, ``:`` or ``,``. ``udp://bob:pa/ss@statsd:8125`` gives
+    ``udp://***@statsd:8125``.
+    """
+    scheme, sep, rest = text.partition("://")
     if not sep:
-        return raw
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
-        return raw
-    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+        scheme, rest = "", text
+    at = max(rest.rfind("@"), rest.lower().rfind("%40"))
+    if at >= 0:
+        rest = "***" + rest[at:]
+    if sep and "?" in rest:
+        rest = rest.partition("?")[0] + "?***"
+    return f"{scheme}{sep}{rest}"
 
 
 def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Config:
     """Read every setting from ``environ`` (default ``os.environ``).
 
-    A bad value is named in one warning (variable, value, what is used
-    instead) and the default, or the usable part of the value, is used. With
-    ``strict=True`` the first bad value raises :class:`ConfigError` instead.
+    A bad value is named in one warning (variable, value, its bad items, what
+    is used instead) and the default, or the usable part of the value, is used.
+    With ``strict=True`` a :class:`ConfigError` naming every bad value is raised
+    instead. No message shows URL user info (see :func:`redact`).
     """
     if environ is None:
         environ = os.environ
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
-    problems: list[str] = []
+    warnings: list[str] = []
+    errors: list[tuple[str, str]] = []
     for s in SETTINGS:
         raw = environ.get(s.env)
         if raw is None:
@@ -609,23 +672,28 @@ def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Conf
             values[s.attr], sources[s.attr] = s.parse(raw), "env"
         except InvalidValue as exc:
             used = s.default if exc.salvaged is None else exc.salvaged
-            shown = redact(raw)  # never a password in a log line
-            message = (
-                f"agent: {s.env}={shown!r} is not valid (expected {exc.expected}); "
-                f"using {describe(used)!r} instead"
-            )
-            if strict:
-                raise ConfigError(
-                    s.env, f"{s.env}={shown!r} is not valid: expected {exc.expected}"
-                ) from None
             values[s.attr], sources[s.attr] = used, "invalid"
-            problems.append(message)
-    if problems:
+            shown = f"{s.env}={redact(raw)!r} is not valid"
+            detail = _problem(exc)
+            errors.append((s.env, f"{shown}: {detail}"))
+            warnings.append(f"agent: {shown} ({detail}); using {redact(describe(used))!r} instead")
+    if strict and errors:
+        raise ConfigError(errors)
+    if warnings:
         from agent._log import logger
 
-        for message in problems:
+        for message in warnings:
             logger().warning("%s", message)
     return Config(values, sources)
+
+
+def _problem(exc: InvalidValue) -> str:
+    """What is wrong with a value: its bad items, if a list, and what was expected."""
+    if not exc.bad_items:
+        return f"expected {exc.expected}"
+    items = ", ".join(repr(redact(item)) for item in exc.bad_items)
+    noun = "bad item" if len(exc.bad_items) == 1 else "bad items"
+    return f"{noun} {items}; expected {exc.expected}"
 
 
 def markdown_table() -> str:

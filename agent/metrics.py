@@ -436,7 +436,7 @@ def sanitize_tag_value(value: object) -> str:
 
 
 def constant_tags(config: Config) -> list[str]:
-    """``service``/``env``/``version`` from ``DD_SERVICE`` etc., then ``DD_TAGS``."""
+    """``service``/``env``/``version`` from ``DD_SERVICE`` etc., then ``DD_TAGS``, bare or not."""
     tags = []
     for key, value in (
         ("service", config.service),
@@ -446,6 +446,9 @@ def constant_tags(config: Config) -> list[str]:
         if value:
             tags.append(f"{key}:{sanitize_tag_value(value)}")
     for item in config.tags:
-        key, _, value = item.partition(":")
-        tags.append(f"{sanitize_tag_key(key)}:{sanitize_tag_value(value)}")
+        key, sep, value = item.partition(":")
+        # A bare tag (DD_TAGS="canary") stays bare, as the Datadog agent sends it.
+        tags.append(
+            f"{sanitize_tag_key(key)}:{sanitize_tag_value(value)}" if sep else sanitize_tag_key(key)
+        )
     return tags

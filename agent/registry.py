@@ -163,12 +163,13 @@ def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
             f"load:{name}", "agent: the %s instrumentation failed to load", name, exc_info=True
         )
         return
+    applied_now = False
     for patch in patches:
         module = sys.modules.get(patch.module)
         if module is None or (patch.module, patch.path) in _applied:
             continue
         try:
-            _apply(module, patch)
+            applied_now |= _apply(module, patch)
         except Exception:
             _log.log_once(
                 f"patch:{patch.module}:{patch.path}",
@@ -177,9 +178,14 @@ def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
                 patch.path,
                 exc_info=True,
             )
+    # One line per instrumentation, once the last of its target modules is in.
+    if applied_now and _log.debug_enabled() and all(p.module in sys.modules for p in patches):
+        targets = [f"{p.module}:{p.path}" for p in patches if (p.module, p.path) in _applied]
+        _log.debug("agent: instrumented %s %s (%s)", name, target_version(name), ", ".join(targets))
 
 
-def _apply(module: ModuleType, patch: Patch) -> None:
+def _apply(module: ModuleType, patch: Patch) -> bool:
+    """Wrap what ``patch`` names; ``False`` when it is already ours."""
     owner: Any = module
     *parents, attr = patch.path.split(".")
     for part in parents:
@@ -187,10 +193,26 @@ def _apply(module: ModuleType, patch: Patch) -> None:
     original = vars(owner)[attr]
     marker = wrapper_class()
     if isinstance(original, marker):
-        return  # already ours (e.g. state lost by a reload of this module)
+        return False  # already ours (e.g. state lost by a reload of this module)
     wrapper = marker(original, patch.wrapper)
     setattr(owner, attr, wrapper)
     _applied[(patch.module, patch.path)] = _Applied(owner, attr, original, wrapper)
+    return True
+
+
+def target_version(name: str) -> str:
+    """The installed version of an instrumentation's target library, from its metadata."""
+    from importlib import metadata
+
+    # psycopg2 is often installed as psycopg2-binary; Python 3.10 may match names by case.
+    for dist in (name, f"{name}-binary", name.capitalize()):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        except Exception:  # a broken installation must not break the import it hooks
+            break
+    return "version unknown"
 
 
 def wrapper_class() -> type:

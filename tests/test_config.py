@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
+from agent import config, metrics
 from agent.config import SETTINGS, ConfigError, Destination, load
+from tests.support.proc import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +136,8 @@ def test_strict_mode_raises_naming_the_variable():
         ("STATSD_DSN", "http://localhost:8125"),
         ("TALISKER_METRICS_PREFIX", "9lives"),
         ("TALISKER_ID_HEADER", "X Request Id"),
-        ("DD_TAGS", "novalue"),
+        ("DD_TAGS", ":novalue"),
+        ("DD_TAGS", "key:"),
         ("TALISKER_ENDPOINT_NAMES", "10.0.0.5:8000"),
         ("TALISKER_LOG_LEVEL", "LOUD"),
         ("TALISKER_METRICS_MAX_TAG_VALUES", "0"),
@@ -196,3 +198,177 @@ def test_a_bad_url_setting_never_shows_its_password(caplog):
     with pytest.raises(ConfigError) as info:
         load({"DD_DOGSTATSD_URL": "tcp://bob:s3cret@x:1"}, strict=True)
     assert "s3cret" not in str(info.value)
+
+
+# -- secrets never shown -------------------------------------------------------------
+
+#: URL user info in the shapes people write it, and the fragments that must never show.
+USER_INFO = [
+    ("bob42:s3/cr3t@", ("bob42", "s3", "cr3t")),  # "/" in the password
+    ("bob42:s3@cr3t@", ("bob42", "s3", "cr3t")),  # "@" in the password
+    ("bob42:s3%40cr3t@", ("bob42", "s3", "cr3t")),  # "@" percent-encoded
+    ("bob42:9000/cr3t@", ("bob42", "9000", "cr3t")),  # a password that starts like a port
+    ("bob42@", ("bob42",)),  # a user without a password
+]
+URL_SETTINGS = [("DD_DOGSTATSD_URL", ""), ("STATSD_DSN", "/app")]
+
+
+def _agent_messages(caplog):
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "agent")
+
+
+@pytest.mark.parametrize(("user_info", "secrets"), USER_INFO)
+@pytest.mark.parametrize(("env", "path"), URL_SETTINGS)
+def test_a_bad_url_setting_never_shows_its_user_info(caplog, env, path, user_info, secrets):
+    value = f"tcp://{user_info}statsd:8125{path}"  # bad: the scheme
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        load({env: value})
+    with pytest.raises(ConfigError) as info:
+        load({env: value}, strict=True)
+    shown = _agent_messages(caplog) + "\n" + str(info.value)
+    assert env in _agent_messages(caplog) and "tcp://***@statsd:8125" in str(info.value)
+    for secret in secrets:
+        assert secret not in shown
+
+
+@pytest.mark.parametrize(("user_info", "secrets"), USER_INFO)
+@pytest.mark.parametrize(("env", "path"), URL_SETTINGS)
+def test_a_url_setting_with_user_info_is_read_as_its_host_and_port(env, path, user_info, secrets):
+    cfg = load({env: f"udp://{user_info}statsd:8125{path}"}, strict=True)
+    assert cfg.destination == Destination("udp", host="statsd", port=8125)
+    for secret in secrets:
+        assert secret not in str(cfg.destination) and secret not in repr(cfg.destination)
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("DD_AGENT_HOST", "bob42:s3cr3t@statsd"),
+        ("DD_AGENT_HOST", "http://bob42:s3/cr3t@statsd"),
+        ("TALISKER_ENDPOINT_NAMES", "http://bob42:s3cr3t@api:80"),
+        ("DD_TAGS", "url:http://bob42:s3cr3t@api :bad"),  # the good tag is what is "used instead"
+        ("TALISKER_ID_HEADER", "https://bob42:s3cr3t@api/"),
+    ],
+)
+def test_a_url_like_value_in_any_setting_never_shows_its_user_info(caplog, env, value):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        load({env: value})
+    with pytest.raises(ConfigError) as info:
+        load({env: value}, strict=True)
+    shown = _agent_messages(caplog) + "\n" + str(info.value)
+    assert env in shown and "***@" in shown
+    assert "bob42" not in shown and "s3" not in shown and "cr3t" not in shown
+
+
+def test_endpoint_names_drop_user_info_from_the_netloc():
+    cfg = load({"TALISKER_ENDPOINT_NAMES": "bob42:s3cr3t@10.0.0.5:8000=users-api"}, strict=True)
+    assert cfg.endpoint_names == {"10.0.0.5:8000": "users-api"}
+
+
+# -- DD_TAGS: bare tags ----------------------------------------------------------------
+
+
+def test_a_tag_without_a_value_is_accepted(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        cfg = load({"DD_TAGS": "team:core,canary blue"}, strict=True)
+    assert cfg.tags == ("team:core", "canary", "blue")
+    assert not _agent_messages(caplog)
+
+
+def test_a_bare_tag_is_sent_bare(install_agent, statsd):
+    install_agent(DD_TAGS="team:core,canary")
+    metrics.count("requests.count", 1, (("peer", "a"),))
+    assert statsd.wait_total("talisker.requests.count", 1) == 1
+    (m,) = statsd.find("talisker.requests.count")
+    assert m.tags == ["peer:a", "team:core", "canary"]
+
+
+# -- every problem named ---------------------------------------------------------------
+
+
+def test_strict_mode_names_every_bad_variable():
+    with pytest.raises(ConfigError) as info:
+        load(
+            {"TALISKER_REQUEST_TIMEOUT": "abc", "DD_DOGSTATSD_PORT": "99999", "DD_ENV": "prod"},
+            strict=True,
+        )
+    assert info.value.variables == ["DD_DOGSTATSD_PORT", "TALISKER_REQUEST_TIMEOUT"]
+    message = str(info.value)
+    assert "TALISKER_REQUEST_TIMEOUT='abc'" in message and "DD_DOGSTATSD_PORT='99999'" in message
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "bad"),
+    [
+        ("TALISKER_DISABLED_INSTRUMENTATIONS", "requests,nonsense", "'nonsense'"),
+        ("DD_TAGS", "team:core,:orphan", "':orphan'"),
+        ("TALISKER_ENDPOINT_NAMES", "db:5432=orders,users-api", "'users-api'"),
+    ],
+)
+def test_a_bad_item_of_a_list_is_named(caplog, env, value, bad):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        load({env: value})
+    with pytest.raises(ConfigError) as info:
+        load({env: value}, strict=True)
+    assert bad in _agent_messages(caplog)
+    assert bad in str(info.value)
+
+
+# -- the agent's own logger ------------------------------------------------------------
+
+SHOW_LEVEL = """
+import agent
+from agent import _log, config
+if {early}:  # the logger already exists when the configuration is installed
+    _log.logger()
+agent.install(config.load({{"TALISKER_LOG_LEVEL": {level!r}, "TALISKER_METRICS_ENABLED": "false"}}))
+_log.debug("agent: a debug line")
+_log.logger().info("agent: an info line")
+"""
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_the_log_level_of_a_config_passed_to_install_is_used(early):
+    debug = run_python(SHOW_LEVEL.format(level="DEBUG", early=early), {"TALISKER_ENABLED": "false"})
+    assert "agent: a debug line" in debug.stderr and "agent: an info line" in debug.stderr
+    quiet = run_python(
+        SHOW_LEVEL.format(level="WARNING", early=early),
+        {"TALISKER_ENABLED": "false", "TALISKER_LOG_LEVEL": "DEBUG"},
+    )
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_the_agent_prefix_is_shown_once():
+    env = {"TALISKER_ENABLED": "false", "TALISKER_LOG_LEVEL": "DEBUG"}
+    proc = run_python(SHOW_LEVEL.format(level="DEBUG", early=False), env)
+    (line,) = [line for line in proc.stderr.splitlines() if "a debug line" in line]
+    assert line.endswith(" DEBUG agent: a debug line"), line
+
+
+def test_each_instrumentation_installed_is_named_at_debug_with_its_version():
+    from importlib import metadata
+
+    proc = run_python(
+        "import agent, requests, psycopg2, flask",
+        {"TALISKER_ENABLED": "true", "TALISKER_LOG_LEVEL": "DEBUG"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "agent: instrumented" in line]
+    expected = {
+        "urllib3": metadata.version("urllib3"),
+        "requests": metadata.version("requests"),
+        "psycopg2": metadata.version("psycopg2-binary"),
+        "flask": metadata.version("flask"),
+    }
+    assert len(lines) == len(expected), proc.stderr
+    for name, version in expected.items():
+        (line,) = [line for line in lines if f"agent: instrumented {name} " in line]
+        assert f"{name} {version} (" in line, line
+    (urllib3_line,) = [line for line in lines if "instrumented urllib3" in line]
+    assert "urllib3.connectionpool:HTTPConnectionPool.urlopen" in urllib3_line
+    assert "urllib3.poolmanager:PoolManager.urlopen" in urllib3_line
+
+
+def test_nothing_is_logged_about_instrumentations_at_the_default_level():
+    proc = run_python("import agent, requests", {"TALISKER_ENABLED": "true"})
+    assert proc.returncode == 0 and proc.stderr == ""

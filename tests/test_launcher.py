@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -96,6 +97,101 @@ def test_an_invalid_configuration_exits_2_naming_the_variable(tmp_path):
     assert not marker.exists()
 
 
+def test_an_invalid_configuration_exits_2_naming_every_bad_variable_and_item():
+    proc = talisker_run(
+        sys.executable,
+        "-c",
+        "pass",
+        env={
+            "TALISKER_REQUEST_TIMEOUT": "abc",
+            "DD_DOGSTATSD_PORT": "99999",
+            "TALISKER_DISABLED_INSTRUMENTATIONS": "requests,nonsense",
+        },
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert all(line.startswith("talisker-run: ") for line in lines)
+    assert "TALISKER_REQUEST_TIMEOUT='abc'" in proc.stderr
+    assert "DD_DOGSTATSD_PORT='99999'" in proc.stderr
+    assert "'nonsense'" in proc.stderr
+
+
+def test_a_tag_without_a_value_does_not_stop_talisker_run():
+    proc = talisker_run(sys.executable, "-c", "print('ran')", env={"DD_TAGS": "team:core,canary"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "ran\n"
+
+
+SECRETS = ("bob42", "s3", "cr3t")
+
+
+def test_check_never_shows_a_configured_secret():
+    proc = talisker_run(
+        "--check",
+        env={
+            "DD_DOGSTATSD_URL": "udp://bob42:s3/cr3t@127.0.0.1:8125",
+            "STATSD_DSN": "udp://bob42:s3@cr3t@127.0.0.1:8126/app",
+            "TALISKER_ENDPOINT_NAMES": "bob42:s3cr3t@api:80=users",
+            "DD_TAGS": "url:http://bob42:s3cr3t@api",
+        },
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "udp://127.0.0.1:8125" in proc.stdout and "udp://127.0.0.1:8126" in proc.stdout
+    for secret in SECRETS:
+        assert secret not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("DD_DOGSTATSD_URL", "udp://bob42:s3/cr3t@127.0.0.1:80000"),
+        ("STATSD_DSN", "tcp://bob42:s3/cr3t@statsd:8125/app"),
+        ("DD_AGENT_HOST", "bob42:s3cr3t@statsd"),
+    ],
+)
+def test_the_exit_2_message_never_shows_a_configured_secret(env, value):
+    for args in (("--check",), (sys.executable, "-c", "pass")):
+        proc = talisker_run(*args, env={env: value})
+        assert proc.returncode == 2
+        assert env in proc.stderr and "***@" in proc.stderr
+        for secret in SECRETS:
+            assert secret not in proc.stdout + proc.stderr
+
+
+def test_check_shows_durations_in_the_unit_they_are_set_in():
+    proc = talisker_run("--check", env={"TALISKER_REQUEST_TIMEOUT": "1000"})
+    assert proc.returncode == 0, proc.stderr
+    settings = {
+        line.split()[0]: line.split(None, 1)[1]
+        for line in proc.stdout.splitlines()
+        if "  (" in line
+    }
+    assert settings["TALISKER_REQUEST_TIMEOUT"] == "1000 ms  (set)"
+    assert settings["TALISKER_SOFT_REQUEST_TIMEOUT"] == "none  (default)"
+    assert settings["TALISKER_METRICS_FLUSH_INTERVAL"] == "1 s  (default)"
+    assert settings["TALISKER_RUNTIME_METRICS_INTERVAL"] == "10 s  (default)"
+
+
+def test_check_into_a_closed_pipe_prints_no_traceback():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `talisker-run --check | head -1` once head has exited
+    try:
+        proc = subprocess.run(
+            [TALISKER_RUN, "--check"],
+            env=clean_env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == 141  # what a shell reports for a command ended by SIGPIPE
+
+
 def test_help_version_and_usage_errors():
     help_ = talisker_run("--help")
     assert help_.returncode == 0 and "usage: talisker-run" in help_.stdout
@@ -122,7 +218,7 @@ def test_check_prints_configuration_instrumentations_and_destination():
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "TALISKER_REQUEST_TIMEOUT" in out and "1.5" in out
+    assert "TALISKER_REQUEST_TIMEOUT" in out and "1500 ms" in out
     assert "requests  active when imported" in out
     assert "psycopg2  off (TALISKER_DISABLED_INSTRUMENTATIONS)" in out
     assert "udp://does-not-resolve.invalid:8125" in out and "does NOT resolve" in out
@@ -144,10 +240,79 @@ def test_print_metrics_shows_what_the_program_sent(tmp_path, http_server):
     proc = talisker_run("--print-metrics", sys.executable, str(app))
     assert proc.returncode == 3
     table = proc.stderr
-    assert "metric" in table and "p95" in table
+    assert "samples" in table and "p95" in table
     assert "talisker.requests.count" in table and "status:503" in table
     assert "talisker.requests.errors" in table and "code:503" in table
     assert "talisker.work.latency" in table
+
+
+def print_metrics_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """The lines of the table ``--print-metrics`` writes after the command's output."""
+    marker = "talisker-run: metrics sent by "
+    assert marker in proc.stderr, proc.stderr
+    return proc.stderr[proc.stderr.index(marker) :].splitlines()
+
+
+def test_print_metrics_fits_in_100_columns_with_constant_tags_shown_once(tmp_path, http_server):
+    app = write(
+        tmp_path / "app.py",
+        f"""
+        import requests, agent
+        from agent import metrics
+        agent.register_endpoint_name({http_server.netloc!r}, "a-rather-long-endpoint-name")
+        for status in (200, 503):
+            requests.get({http_server.url!r} + f"/status/{{status}}")
+        with agent.timed("work", tags={{"step": "s" * 60, "phase": "p" * 40}}):
+            pass
+        metrics.gauge("queue.depth", 3)
+        metrics.gauge("queue.depth", 5)
+        """,
+    )
+    env = {
+        "DD_SERVICE": "billing",
+        "DD_ENV": "prod",
+        "DD_VERSION": "1.2.3",
+        "DD_TAGS": "team:core,canary",
+    }
+    proc = talisker_run("--print-metrics", sys.executable, str(app), env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = print_metrics_lines(proc)
+    assert max(len(line) for line in lines) <= 100, "\n".join(lines)
+    (constant,) = [line for line in lines if "service:billing" in line]
+    assert constant.startswith("constant tags")
+    assert constant.split(": ", 1)[1].split() == [
+        "service:billing",
+        "env:prod",
+        "version:1.2.3",
+        "team:core",
+        "canary",
+    ]
+    assert not [line for line in lines if "team:core" in line and line is not constant]
+    # Each metric heads its rows and says what their figures are.
+    headings = {line.split()[0]: i for i, line in enumerate(lines) if line.startswith("talisker.")}
+    count = lines[headings["talisker.requests.count"]]
+    assert count.split()[-1] == "total"
+    depth = headings["talisker.queue.depth"]
+    assert lines[depth].split()[-1] == "last" and lines[depth + 1].split()[-1] == "5"
+    latency = lines[headings["talisker.work.latency"]]
+    assert latency.split()[-4:] == ["samples", "p50", "p95", "max"]
+    text = "\n".join(lines)
+    assert "s" * 60 in text and "p" * 40 in text  # long tags wrap, they are not cut
+
+
+def test_print_metrics_of_the_demo_fits_in_100_columns():
+    proc = talisker_run(
+        "--print-metrics",
+        sys.executable,
+        "-m",
+        "agent.demo",
+        env={"DD_SERVICE": "demo"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = print_metrics_lines(proc)
+    assert len(lines) > 20
+    assert max(len(line) for line in lines) <= 100, "\n".join(lines)
 
 
 def test_a_process_using_nothing_instrumented_starts_no_thread():
