@@ -181,7 +181,8 @@ def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
     # One line per instrumentation, once the last of its target modules is in.
     if applied_now and _log.debug_enabled() and all(p.module in sys.modules for p in patches):
         targets = [f"{p.module}:{p.path}" for p in patches if (p.module, p.path) in _applied]
-        _log.debug("agent: instrumented %s %s (%s)", name, target_version(name), ", ".join(targets))
+        what = "instrumented" if declared == "PATCHES" else "kept the API keywords only of"
+        _log.debug("agent: %s %s %s (%s)", what, name, target_version(name), ", ".join(targets))
 
 
 def _apply(module: ModuleType, patch: Patch) -> bool:

@@ -367,9 +367,9 @@ def test_gunicorn_with_two_workers_serving_flask(tmp_path, statsd, http_server):
         deadline = time.monotonic() + 30
         while True:
             try:
-                requests.get(f"http://127.0.0.1:{port}/nothing", timeout=1)
+                requests.get(f"http://127.0.0.1:{port}/nothing", timeout=5)
                 break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or a busy host
                 assert time.monotonic() < deadline, "gunicorn did not start"
                 assert server.poll() is None, server.stdout.read() if server.stdout else ""
                 time.sleep(0.2)
