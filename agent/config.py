@@ -174,12 +174,16 @@ def _number(raw: str, expected: str) -> float:
 
 
 def parse_milliseconds(raw: str) -> float | None:
-    """A positive number of milliseconds, returned in seconds; empty means none."""
+    """A positive number of milliseconds, at most a day, returned in seconds; empty means none.
+
+    A deadline further away behaves as none (``agent.context.MAX_DEADLINE``), so
+    a longer value is named as invalid rather than silently doing nothing.
+    """
     if not raw.strip():
         return None
-    expected = "a positive number of milliseconds"
+    expected = "a positive number of milliseconds, at most 86400000 (a day)"
     value = _number(raw, expected)
-    if value <= 0:
+    if not 0 < value <= 86_400_000:
         raise InvalidValue(expected)
     return value / 1000.0
 
@@ -313,7 +317,10 @@ def parse_tags(raw: str) -> tuple[str, ...]:
         if not key or (sep and not value):
             bad.append(item)
             continue
-        tags.append(item)
+        if "@" in value or "%40" in value.lower() or "?" in value:
+            tags.append(f"{key}:{redact(value)}")  # a URL's user info or query: never sent
+        else:
+            tags.append(item)
     if bad:
         raise InvalidValue(
             "key:value pairs or bare keys, separated by commas or spaces",
@@ -541,7 +548,7 @@ class Config:
         "TALISKER_REQUEST_TIMEOUT",
         parse_milliseconds,
         None,
-        "Milliseconds: the deadline of every incoming request.",
+        "Milliseconds, at most a day: the deadline of every incoming request.",
         unit="ms",
     )
     soft_request_timeout = setting(

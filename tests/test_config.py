@@ -372,3 +372,18 @@ def test_each_instrumentation_installed_is_named_at_debug_with_its_version():
 def test_nothing_is_logged_about_instrumentations_at_the_default_level():
     proc = run_python("import agent, requests", {"TALISKER_ENABLED": "true"})
     assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_a_url_in_dd_tags_never_sends_its_user_info_or_query():
+    cfg = config.load({"DD_TAGS": "team:core,url:https://bob:s3cret@h.example/x?token=abc123"})
+    assert cfg.tags[0] == "team:core"
+    assert "s3cret" not in cfg.tags[1] and "abc123" not in cfg.tags[1]
+    assert cfg.tags[1].startswith("url:https://***@h.example/x?")
+
+
+def test_a_request_timeout_beyond_the_deadline_ceiling_is_named_as_invalid():
+    from agent.context import MAX_DEADLINE
+
+    assert config.load({"TALISKER_REQUEST_TIMEOUT": "86400000"}).request_timeout == MAX_DEADLINE
+    with pytest.raises(config.ConfigError, match="TALISKER_REQUEST_TIMEOUT"):
+        config.load({"TALISKER_REQUEST_TIMEOUT": "86400001"}, strict=True)
