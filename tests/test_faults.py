@@ -153,7 +153,7 @@ def test_forks_while_the_metrics_thread_starts_leave_every_child_whole(statsd):
         assert "Traceback" not in err, f"run {run}: {err}"
 
 
-def test_the_metrics_threads_import_nothing(tmp_path):
+def test_the_metrics_threads_import_nothing(tmp_path, statsd, statsd_unix):
     # An import in a background thread is what a fork can catch half done: the
     # threads of the agent must find everything imported before they start.
     code = f"""
@@ -166,7 +166,8 @@ def test_the_metrics_threads_import_nothing(tmp_path):
         import time
         import agent
         from agent import config, metrics
-        for url in ("udp://127.0.0.1:{closed_port()}", "udp://localhost:9",
+        for url in ("{statsd.url}", "{statsd_unix.url}",
+                    "udp://127.0.0.1:{closed_port()}", "udp://localhost:9",
                     "udp://does-not-resolve.invalid:8125", "udp://bücher.invalid:8125",
                     "unix://{tmp_path}/none.socket", "unixstream://{tmp_path}/none.socket"):
             env = {{"DD_DOGSTATSD_URL": url, "TALISKER_RUNTIME_METRICS_INTERVAL": "0.05"}}
@@ -188,7 +189,7 @@ def test_the_metrics_threads_import_nothing(tmp_path):
 
 def test_no_secret_of_the_destination_is_logged_by_a_metrics_client():
     # The datadog client logs DD_DOGSTATSD_URL verbatim when its port is bad; the
-    # agent does not import it. (The agent's own config warning is tested in test_config.)
+    # agent does not import it. (The agent's own warning about the value is config.py's.)
     code = """
         import logging, sys
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
