@@ -1,48 +1,71 @@
-"""Sends aggregated batches through ``datadog``'s ``DogStatsd``, from the metrics thread.
+"""Writes aggregated batches to the DogStatsD destination, from the metrics thread.
 
-Only the background thread of :mod:`agent.metrics` uses this module, so the
-~120 ms ``import datadog`` (it pulls in ``datadog.api``) and every socket call
-happen off the application's threads and off the start-up path.
+The agent aggregates, sanitises and batches metrics itself, so sending is a
+small socket writer of its own, not ``datadog``'s ``DogStatsd``: importing
+``datadog`` costs 0.1-0.3 s (it pulls in ``urllib.parse``, ``typing``,
+``urllib3``, ``requests``...), and a ``fork()`` of the application during that
+import in the metrics thread gave children half-initialised modules (hangs and
+``ImportError``). This module imports only ``_socket``, and it is imported by
+:meth:`agent.metrics.Pipeline.start` on the thread that records the first
+metric, so the metrics thread itself never imports anything.
 
-- The destination is resolved once (UDP host names through ``getaddrinfo``);
-  ``DogStatsd`` gets the address, so it never resolves per packet. A name that
-  does not resolve is retried every :data:`RESOLVE_RETRY` seconds and metrics
-  are dropped meanwhile.
-- ``DogStatsd`` is built with no buffering thread, no aggregation thread, no
-  background sender and no instance tracking: its fork hook has nothing to
-  join, so ``fork()`` never waits on it. Batching is its ``open_buffer``.
-- What it logs about failed sends, from our thread only, is folded into one
-  rate-limited warning instead of one per packet.
+The wire format is the ``datadog`` client's: ``<prefix>.<name>:<value>|<type>``,
+then ``|#`` and the metric's tags followed by the constant tags, then ``|c:``
+and the container id (origin detection from ``/proc/self/cgroup``, unless
+``DD_ORIGIN_DETECTION_ENABLED`` is false) and ``|e:`` with ``DD_EXTERNAL_ENV``.
+Lines are joined with newlines into datagrams of at most 1432 bytes over UDP
+and 8192 over a unix socket (``unixstream://`` frames each with its
+little-endian 32-bit length). ``DD_ENTITY_ID`` becomes the constant tag
+``dd.internal.entity_id``; ``DD_DOGSTATSD_DISABLE`` sends nothing.
+
+- The destination is resolved once (UDP host names through ``getaddrinfo``); a
+  name that does not resolve is retried every :data:`RESOLVE_RETRY` seconds.
+- A full socket buffer (a unix socket whose reader stopped) is waited for at
+  most :data:`SOCKET_FULL_WAIT` per flush, then the rest of the flush is dropped.
+- Every line that cannot be delivered is counted in the pipeline's
+  :class:`agent.metrics.Losses` by reason (``unresolved``, ``socket_full``,
+  ``send_failed``); after each flush the pending counts are sent as
+  ``agent.dropped`` in a datagram of their own and kept until one is delivered.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
+import _socket
+import errno
+import os
 import time
 
 from agent import _log
-from agent.metrics import constant_tags
+from agent.metrics import constant_tags, sanitize_tag_value
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
-    import logging
+    from collections.abc import Iterable, Iterator
     from typing import Any
 
     from agent.config import Config, Destination
+    from agent.metrics import Losses
 
     Context = tuple[str, tuple[str, ...]]
 
 #: Seconds between attempts to resolve a destination that did not resolve.
 RESOLVE_RETRY = 30.0
-#: Seconds between two warnings about the same failing destination.
-WARNING_PERIOD = 300.0
 #: Timing samples per DogStatsD line (protocol 1.1 multi-value, ``name:1:2:3|d``).
 SAMPLES_PER_LINE = 32
+#: Most bytes per datagram, as the datadog client sends them.
+UDP_PAYLOAD = 1432
+UDS_PAYLOAD = 8192
+#: Seconds per flush the metrics thread waits for a full socket buffer to drain.
+SOCKET_FULL_WAIT = 0.1
+#: Send buffer a socket is given at least (macOS gives 4 KiB, less than one datagram).
+MIN_SEND_BUFFER = 32 * 1024
+#: What the agent's own loss counts are sent as (with a ``reason`` tag).
+DROPPED_METRIC = "agent.dropped"
+#: The reasons a send can fail for; their warnings start again once metrics get through.
+DELIVERY_REASONS = ("unresolved", "socket_full", "send_failed")
 
-# Thread ident -> the Sender sending on it: their datadog log records are ours.
-_sending: dict[int, Sender] = {}
-_filter_installed = False
+_FULL_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+_FALSE = frozenset({"no", "false", "0", "n", "off"})
 
 
 class Batch:
@@ -59,131 +82,356 @@ class Batch:
         return not (self.counts or self.gauges or self.timings)
 
 
-class Sender:
-    """A ``DogStatsd`` client for one process, built on first use in the metrics thread."""
+class _SocketFull(Exception):
+    """The socket's buffer stayed full for the flush's whole waiting budget."""
 
-    def __init__(self, config: Config) -> None:
+
+class Sender:
+    """The DogStatsD socket of one process, opened on first use in the metrics thread."""
+
+    def __init__(self, config: Config, losses: Losses) -> None:
+        environ = os.environ
         self.destination: Destination = config.destination
-        self.prefix = config.prefix
-        self.constant_tags = constant_tags(config)
-        self.timing_type = config.timing_type
-        self._client: Any = None
+        self.losses = losses
+        self.namespace = config.prefix + "." if config.prefix else ""
+        self.timing_type = "d" if config.timing_type == "distribution" else "h"
+        tags = constant_tags(config)
+        entity_id = environ.get("DD_ENTITY_ID")
+        if entity_id:
+            tags.append(f"dd.internal.entity_id:{sanitize_tag_value(entity_id)}")
+        self.constant_tags = ",".join(tags)
+        origin = ""
+        if environ.get("DD_ORIGIN_DETECTION_ENABLED", "").lower() not in _FALSE:
+            container = container_id()
+            if container:
+                origin += "|c:" + container
+        if environ.get("DD_EXTERNAL_ENV"):
+            origin += "|e:" + environ["DD_EXTERNAL_ENV"]
+        self.origin = origin
+        self.enabled = environ.get("DD_DOGSTATSD_DISABLE") not in {"True", "true", "yes", "1"}
+        self.stream = False
+        self.udp = self.destination.scheme == "udp"
+        self.payload = UDP_PAYLOAD if self.udp else UDS_PAYLOAD
+        self._sock: _socket.socket | None = None
+        self._address: tuple[int, Any] | None = None
         self._next_resolve = 0.0
-        self._errors: list[str] = []
         self._failing = False
-        self._warnings = _log.RateLimited(WARNING_PERIOD)
+
+    # -- formatting ----------------------------------------------------------------
+
+    def lines(self, batch: Batch) -> Iterator[str]:
+        """The DogStatsD lines of ``batch``; a value that is not a number is counted, not sent."""
+        ns, end = self.namespace, self.origin
+        for kind, series in (("c", batch.counts), ("g", batch.gauges)):
+            for (name, tags), value in series.items():
+                try:
+                    text = _number(value)
+                except Exception:
+                    self._bad_value(name, value)
+                    continue
+                yield f"{ns}{name}:{text}|{kind}{self._tags(tags)}{end}"
+        kind = self.timing_type
+        for (name, tags), samples in batch.timings.items():
+            tag_part = self._tags(tags)
+            for i in range(0, len(samples), SAMPLES_PER_LINE):
+                chunk = samples[i : i + SAMPLES_PER_LINE]
+                try:
+                    text = ":".join(["%.3f" % v for v in chunk])  # noqa: UP031 - fastest
+                except Exception:
+                    text = self._good_samples(name, chunk)
+                    if not text:
+                        continue
+                yield f"{ns}{name}:{text}|{kind}{tag_part}{end}"
+
+    def _tags(self, tags: tuple[str, ...]) -> str:
+        if tags:
+            joined = ",".join(tags)
+            return f"|#{joined},{self.constant_tags}" if self.constant_tags else "|#" + joined
+        return "|#" + self.constant_tags if self.constant_tags else ""
+
+    def _good_samples(self, name: str, chunk: list[float]) -> str:
+        good = []
+        for v in chunk:
+            try:
+                good.append("%.3f" % float(v))  # noqa: UP031
+            except Exception:
+                self._bad_value(name, v)
+        return ":".join(good)
+
+    def _bad_value(self, name: str, value: object) -> None:
+        self.losses.bad_record(name, f"a value of type {type(value).__name__}")
+
+    # -- sending ----------------------------------------------------------------------
 
     def send(self, batch: Batch) -> None:
-        """Send a batch; on failure, drop it and say so (rate-limited)."""
-        client = self._client or self._connect()
-        if client is None:
+        """Send ``batch``, then the pending loss counts; count what cannot be sent."""
+        if not self.enabled:
             return
-        _watch_datadog_log()
-        ident = threading.get_ident()
-        _sending[ident] = self
-        self._errors.clear()
-        try:
-            client.open_buffer()
-            try:
-                for (name, tags), value in batch.counts.items():
-                    client.increment(name, _number(value), list(tags))
-                for (name, tags), value in batch.gauges.items():
-                    client.gauge(name, _number(value), list(tags))
-                send_timing = (
-                    client.distribution if self.timing_type == "distribution" else client.histogram
+        # Packed as they are sent: each send releases the GIL for the application's threads.
+        datagrams = pack(self.lines(batch), self.payload)
+        lost, detail, sent_any = self._send_all(datagrams, time.monotonic() + SOCKET_FULL_WAIT)
+        for reason, n in lost.items():
+            if reason == "unresolved":  # _open has warned, rate-limited, when it did not resolve
+                self.losses.count(reason, n)
+            else:
+                self.losses.add(
+                    reason,
+                    n,
+                    "agent: metrics to %s are being dropped: %s (%d lines, reason %s)",
+                    self.destination,
+                    detail,
+                    n,
+                    reason,
                 )
-                for (name, tags), samples in batch.timings.items():
-                    tag_list = list(tags)
-                    for i in range(0, len(samples), SAMPLES_PER_LINE):
-                        chunk = samples[i : i + SAMPLES_PER_LINE]
-                        send_timing(name, ":".join(["%.3f" % v for v in chunk]), tag_list)  # noqa: UP031 - fastest
-            finally:
-                client.close_buffer()
-        finally:
-            _sending.pop(ident, None)
-        if self._errors:
+        pending = dict(self.losses.pending)
+        if pending:
+            report = [
+                f"{self.namespace}{DROPPED_METRIC}:{n}|c{self._tags(('reason:' + reason,))}"
+                f"{self.origin}"
+                for reason, n in sorted(pending.items())
+            ]
+            # The report's own failure is no loss of the application's: the counts stay pending.
+            if not self._send_all(pack(report, self.payload), time.monotonic())[0]:
+                self.losses.reported(pending)
+        if lost:
             self._failing = True
-            self._warnings.warning(
-                "agent: metrics to %s are being dropped: %s", self.destination, self._errors[-1]
-            )
-        elif self._failing:
+        elif self._failing and sent_any:
             self._failing = False
-            self._warnings.reset()
+            self.losses.reset_warnings(DELIVERY_REASONS)
             _log.logger().info("agent: metrics to %s are being delivered again", self.destination)
 
-    def record_error(self, message: str) -> None:
-        self._errors.append(message)
+    def _send_all(
+        self, datagrams: Iterator[tuple[bytes, int]], wait_until: float
+    ) -> tuple[dict[str, int], str, bool]:
+        """Send each ``(datagram, lines)``: lines lost by reason, the last error, any sent."""
+        lost: dict[str, int] = {}
+        detail = ""
+        sent_any = False
+        may_reconnect = True
+        for data, n in datagrams:
+            had_socket = self._sock is not None
+            failure = self._deliver(data, wait_until)
+            retry = failure and failure[0] == "send_failed" and had_socket and not self.udp
+            if retry and may_reconnect:  # the reader may have restarted: reconnect once per flush
+                may_reconnect = False
+                failure = self._deliver(data, wait_until)
+            if failure is None:
+                sent_any = True
+                continue
+            reason, detail = failure
+            lost[reason] = lost.get(reason, 0) + n
+            if reason == "socket_full":
+                wait_until = 0.0  # waited once this flush: the rest is tried without waiting
+            if self._sock is None:
+                # Not connected (no address, a refused connect, a broken stream): the rest of
+                # the flush shares the fate, without one more attempt per datagram.
+                lost[reason] += sum(m for _, m in datagrams)
+                break
+        return lost, detail, sent_any
 
-    def _connect(self) -> Any:
-        now = time.monotonic()
-        if now < self._next_resolve:
-            return None
-        dest = self.destination
-        host = port = path = None
-        if dest.scheme == "udp":
-            try:
-                port = dest.port
-                host = _resolve(dest.host or "localhost", port or 8125)
-            except OSError as exc:
-                self._next_resolve = now + RESOLVE_RETRY
-                self._warnings.warning(
-                    "agent: metrics destination %s does not resolve (%s); metrics are dropped "
-                    "until it does (retrying every %ds)",
-                    dest,
-                    exc,
-                    RESOLVE_RETRY,
-                )
-                return None
-        else:
-            path = str(dest)  # DogStatsd picks the socket kind from the scheme
-        from datadog.dogstatsd.base import DogStatsd
-
-        client = DogStatsd(
-            host=host,
-            port=port,
-            socket_path=path,
-            namespace=self.prefix or None,
-            disable_telemetry=True,
-            disable_buffering=True,
-            disable_aggregation=True,
-            disable_background_sender=True,
-            track_instance=False,
-        )
-        # Ours replace the ones DogStatsd reads itself (DD_ENV, DD_SERVICE...), so they
-        # are sanitised by our rules and never sent twice.
-        client.constant_tags = list(self.constant_tags)
-        self._client = client
-        return client
-
-
-def _resolve(host: str, port: int) -> str:
-    """The address to send to, preferring IPv4 as DogStatsd does."""
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    return str(infos[0][4][0])
-
-
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
-
-
-def _watch_datadog_log() -> None:
-    global _filter_installed
-    if not _filter_installed:
-        import logging
-
-        logging.getLogger("datadog.dogstatsd").addFilter(_fold_own_records)
-        _filter_installed = True
-
-
-def _fold_own_records(record: logging.LogRecord) -> bool:
-    """Logging filter: our sends' records become one rate-limited warning of ours."""
-    sender = _sending.get(record.thread or 0)
-    if sender is None:
-        return True
-    if record.levelno >= 30:
+    def _deliver(self, data: bytes, wait_until: float) -> tuple[str, str] | None:
+        """Send one datagram: None, or why it was not sent ``(reason, detail)``."""
         try:
-            sender.record_error(record.getMessage())
-        except Exception:  # pragma: no cover
-            pass
-    return False
+            sock = self._sock or self._open()
+            if sock is None:
+                return "unresolved", "the destination does not resolve"
+            self._write(sock, data, wait_until)
+            return None
+        except _SocketFull:
+            if self.stream:
+                self._close()  # part of a frame may be written: the stream is unusable
+            return "socket_full", "its socket buffer is full (its reader is not reading)"
+        except OSError as exc:
+            if not self.udp:
+                self._close()  # the next datagram reconnects (UDP errors leave the socket usable)
+            return "send_failed", _describe(exc)
+
+    def _write(self, sock: _socket.socket, data: bytes, wait_until: float) -> None:
+        if self.stream:
+            data = len(data).to_bytes(4, "little") + data
+            sock.settimeout(max(wait_until - time.monotonic(), 0.001))
+            try:
+                sock.sendall(data)
+            except TimeoutError:
+                raise _SocketFull from None
+            return
+        try:
+            sock.send(data)
+        except OSError as exc:
+            if exc.errno not in _FULL_ERRNOS:
+                raise
+            left = wait_until - time.monotonic()
+            if left <= 0:
+                raise _SocketFull from None
+            sock.settimeout(left)
+            try:
+                sock.send(data)
+            except (TimeoutError, BlockingIOError):
+                raise _SocketFull from None
+            finally:
+                sock.settimeout(0.0)
+        if self.udp:
+            # A closed port answers with ICMP; on loopback it is already here: this one bounced.
+            error = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
+
+    def _open(self) -> _socket.socket | None:
+        """Connect a non-blocking socket to the destination; None while it does not resolve."""
+        dest = self.destination
+        if dest.scheme == "udp":
+            if self._address is None:
+                now = time.monotonic()
+                if now < self._next_resolve:
+                    return None
+                try:
+                    self._address = resolve(dest.host or "localhost", dest.port or 8125)
+                except OSError as exc:
+                    self._next_resolve = now + RESOLVE_RETRY
+                    self.losses.warn(
+                        "unresolved",
+                        "agent: metrics destination %s does not resolve (%s); metrics are "
+                        "dropped until it does (retrying every %ds)",
+                        dest,
+                        exc,
+                        RESOLVE_RETRY,
+                    )
+                    return None
+            family, address = self._address
+            sock = _socket.socket(family, _socket.SOCK_DGRAM)
+            try:
+                _grow_send_buffer(sock)
+                sock.connect(address)
+                sock.settimeout(0.0)
+            except OSError:
+                sock.close()
+                raise
+            self._sock = sock
+            return sock
+        kinds = {
+            "unixgram": (_socket.SOCK_DGRAM,),
+            "unixstream": (_socket.SOCK_STREAM,),
+        }.get(dest.scheme, (_socket.SOCK_DGRAM, _socket.SOCK_STREAM))
+        for kind in kinds:
+            sock = _socket.socket(_socket.AF_UNIX, kind)
+            try:
+                _grow_send_buffer(sock)
+                sock.settimeout(SOCKET_FULL_WAIT)
+                sock.connect(dest.path or "")
+                sock.settimeout(0.0)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EPROTOTYPE and kind != kinds[-1]:
+                    continue  # a stream socket at a unix:// path: try the other kind
+                raise
+            self.stream = kind == _socket.SOCK_STREAM
+            self._sock = sock
+            return sock
+        return None  # pragma: no cover - kinds is never empty
+
+    def _close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:  # pragma: no cover
+                pass
+
+    def close(self) -> None:
+        """Close the socket (the pipeline is replaced, or this is a forked child)."""
+        self._close()
+
+
+def pack(lines: Iterable[str], limit: int) -> Iterator[tuple[bytes, int]]:
+    """Newline-terminated lines in datagrams of at most ``limit`` bytes: ``(bytes, lines)``.
+
+    A line longer than ``limit`` goes alone, as the datadog client sends it.
+    """
+    parts: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode("utf-8") + b"\n"
+        if parts and size + len(data) > limit:
+            yield b"".join(parts), len(parts)
+            parts, size = [], 0
+        parts.append(data)
+        size += len(data)
+    if parts:
+        yield b"".join(parts), len(parts)
+
+
+def resolve(host: str, port: int) -> tuple[int, Any]:
+    """``(family, address)`` to send to, preferring IPv4 as the datadog client does."""
+    # Bytes: given a str, getaddrinfo encodes it with the idna codec, importing it in
+    # this thread (Pipeline.start imports it beforehand for a name that needs it).
+    name = host.encode("ascii") if host.isascii() else host.encode("idna")
+    infos = _socket.getaddrinfo(name, port, 0, _socket.SOCK_DGRAM)
+    infos.sort(key=lambda info: info[0] != _socket.AF_INET)
+    family, _, _, _, address = infos[0]
+    return family, address
+
+
+def container_id() -> str | None:
+    """The container id the datadog client sends in ``|c:``, from cgroups (None outside one).
+
+    The same lookup as ``datadog.dogstatsd.container.Cgroup``: in the host cgroup
+    namespace, the id in ``/proc/self/cgroup``'s paths (``ci-<id>``); otherwise
+    the inode of the process's cgroup directory (``in-<inode>``).
+    """
+    try:
+        namespace = "/proc/self/ns/cgroup"
+        if os.path.exists(namespace) and os.stat(namespace).st_ino == 0xEFFFFFFB:
+            return _container_from_paths()
+        return _container_from_inode()
+    except Exception:
+        return None
+
+
+def _container_from_paths() -> str | None:
+    import re  # imported before the metrics thread starts: see Pipeline.start
+
+    uuid = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
+    pattern = re.compile(rf"(?:.+)?({uuid}|[0-9a-f]{{64}}|[0-9a-f]{{32}}-\d+)(?:\.scope)?$")
+    line_pattern = re.compile(r"^(\d+):([^:]*):(.+)$")
+    with open("/proc/self/cgroup") as lines:
+        for line in lines:
+            match = line_pattern.match(line.strip())
+            if match:
+                found = pattern.match(match.group(3).split("/")[-1])
+                if found:
+                    return "ci-" + found.group(1)
+    return None
+
+
+def _container_from_inode() -> str | None:
+    paths = {}
+    with open("/proc/self/cgroup") as lines:
+        for line in lines:
+            tokens = line.strip().split(":")
+            if len(tokens) == 3 and tokens[1] in ("memory", ""):
+                paths[tokens[1]] = tokens[2]
+    for controller in ("memory", ""):
+        if controller in paths:
+            node = paths[controller] if paths[controller] != "/" else ""
+            # os.path.join as the datadog client calls it (an absolute node replaces the base).
+            inode = os.stat(os.path.join("/sys/fs/cgroup", controller, node)).st_ino
+            if inode > 2:
+                return f"in-{inode}"
+    return None
+
+
+def _grow_send_buffer(sock: _socket.socket) -> None:
+    if sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) <= MIN_SEND_BUFFER:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, MIN_SEND_BUFFER)
+
+
+def _describe(exc: OSError) -> str:
+    """``[Errno 111] Connection refused``: the error, never an address."""
+    if exc.errno is not None:
+        return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
+    return type(exc).__name__
+
+
+def _number(value: float) -> str:
+    number = float(value)
+    return str(int(number)) if number.is_integer() else repr(number)

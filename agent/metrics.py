@@ -1,17 +1,23 @@
 """The metrics pipeline: record on the caller's thread, send from a background one.
 
-A metric call appends one small tuple to a bounded deque (about 0.1 µs, no
-lock, no I/O). A daemon thread, started on the first metric of each process,
-wakes every ``TALISKER_METRICS_FLUSH_INTERVAL`` seconds, drains the deque,
-aggregates it (counts summed, gauges last value, timings packed as DogStatsD
-multi-value lines), sanitises names and tags, applies the per-metric tag
-cardinality cap and hands the result to ``datadog``'s ``DogStatsd`` (see
-:mod:`agent._sender`), which is imported in that thread, never on the start-up
-path.
+A metric call appends one small tuple to a deque (about 0.1 µs, no lock, no
+I/O). A daemon thread, started on the first metric of each process, wakes
+every ``TALISKER_METRICS_FLUSH_INTERVAL`` seconds, drains the deque, aggregates
+it (counts summed, gauges last value, timings packed as DogStatsD multi-value
+lines), sanitises names and tags, applies the per-metric tag cardinality cap
+and writes the result to the destination's socket (:mod:`agent._sender`).
 
-Fork safety: a child process starts with an empty queue and no thread; its
-first metric builds its own. Nothing is joined before a fork, so ``fork()``
-never waits on the pipeline. At interpreter exit pending metrics are flushed.
+Nothing is lost silently: records beyond :data:`QUEUE_LIMIT`, records that
+cannot be aggregated and lines that cannot be sent are counted by reason in
+:class:`Losses`, warned about (rate-limited) and sent as ``agent.dropped``.
+A bad record is isolated: the rest of its flush is sent.
+
+Fork safety: the metrics thread imports nothing (what it needs is imported by
+:meth:`Pipeline.start` on the thread of the first metric), so a child forked
+at any moment inherits no half-imported module. A child starts with an empty
+queue and no thread; its first metric builds its own. Nothing is joined before
+a fork, so ``fork()`` never waits on the pipeline. At interpreter exit pending
+metrics are flushed.
 
 Instrumentations call :func:`count`, :func:`timing` and :func:`gauge` with tags
 as a tuple of ``(key, value)`` pairs and know nothing about DogStatsD.
@@ -20,6 +26,7 @@ as a tuple of ``(key, value)`` pairs and know nothing about DogStatsD.
 from __future__ import annotations
 
 import os
+import time
 from _thread import allocate_lock
 
 from agent import _log
@@ -37,6 +44,11 @@ if TYPE_CHECKING:
 
     Tags = tuple[tuple[str, Any], ...]
     Record = tuple[int, str, float, Tags]
+    Series = tuple[
+        dict[tuple[str, Tags], float],
+        dict[tuple[str, Tags], float],
+        dict[tuple[str, Tags], list[float]],
+    ]
 else:
     from _collections import deque  # `collections` itself costs ~2 ms to import
 
@@ -44,9 +56,15 @@ __all__ = ["configure", "count", "flush", "gauge", "timing"]
 
 COUNT, GAUGE, TIMING = 0, 1, 2
 
-#: Most metric records waiting for the background thread; past it the oldest
-#: are dropped, so a stuck destination cannot grow memory without bound.
+#: Most metric records (per queue) waiting for the background thread; past it
+#: the oldest are dropped and counted (``queue_full``), so memory stays bounded.
 QUEUE_LIMIT = 200_000
+#: Seconds between the metrics thread's checks of the queues against the limit.
+QUEUE_CHECK_PERIOD = 0.1
+#: Seconds between two warnings for the same reason of loss.
+WARNING_PERIOD = 300.0
+#: Records aggregated between two offers of the GIL to the application's threads.
+DRAIN_CHUNK = 1024
 #: Raw (name, tags) -> sanitised context entries kept; cleared when full.
 CONTEXT_CACHE_LIMIT = 20_000
 #: How long interpreter exit waits for the last flush.
@@ -58,6 +76,7 @@ OVERFLOW_VALUE = "other"
 
 _pipeline: Pipeline | None = None
 _exit_hook_registered = False
+_sleep = time.sleep
 
 
 def record(kind: int, name: str, value: float, tags: Tags = ()) -> None:
@@ -75,8 +94,8 @@ def record_deferred(expand: Callable[[list[Any]], Iterable[Record]], payload: An
     Lets a hot path hand over one tuple and leave building tags to the metrics
     thread. Each ``expand`` has its own queue; once per flush it gets every
     payload recorded for it and returns ``(kind, name, value, tags)`` records (a
-    timing's value may be a list of samples). What it raises is logged once and
-    those payloads are dropped.
+    timing's value may be a list of samples). When it raises, the payloads are
+    expanded one by one and those that still fail are dropped and counted.
     """
     p = _pipeline
     if p is not None:
@@ -84,7 +103,7 @@ def record_deferred(expand: Callable[[list[Any]], Iterable[Record]], payload: An
             p.start()
         queue = p.deferred.get(expand)
         if queue is None:
-            queue = p.deferred.setdefault(expand, deque(maxlen=QUEUE_LIMIT))
+            queue = p.deferred.setdefault(expand, deque())
         queue.append(payload)
 
 
@@ -152,10 +171,12 @@ class Pipeline:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.interval = config.flush_interval
-        self.queue: deque[tuple[int, str, float, Tags]] = deque(maxlen=QUEUE_LIMIT)
+        # No maxlen: the metrics thread trims and counts what exceeds QUEUE_LIMIT.
+        self.queue: deque[tuple[int, str, float, Tags]] = deque()
         self.deferred: dict[Any, deque[Any]] = {}  # expand -> its payloads
         self.thread: threading.Thread | None = None
         self.tags = TagRules(config.max_tag_values)
+        self.losses = Losses()
         self._start_lock = allocate_lock()
         self._cond: threading.Condition | None = None
         self._requested = 0  # flush requests made ...
@@ -174,6 +195,19 @@ class Pipeline:
             try:
                 import threading
 
+                # What the metrics thread will need, imported here: an import in that
+                # thread during the application's fork() leaves the child a
+                # half-initialised module (a hang or an ImportError).
+                import agent._sender  # noqa: F401 - _socket, errno
+
+                _compile()  # re
+                _log.logger()  # logging
+                host = self.config.destination.host
+                if host and not host.isascii():
+                    try:
+                        host.encode("idna")  # imports the codecs resolving the name needs
+                    except UnicodeError:
+                        pass
                 self._cond = threading.Condition(threading.Lock())
                 thread = threading.Thread(target=self._run, name="talisker-metrics", daemon=True)
                 self.thread = thread
@@ -197,7 +231,7 @@ class Pipeline:
 
         thread, cond = self.thread, self._cond
         if thread is None or cond is None:
-            if not self.queue and not any(self.deferred.values()):
+            if not self.queue and not any(self.deferred.values()) and not self.losses.pending:
                 return True
             self.start()
             thread, cond = self.thread, self._cond
@@ -222,55 +256,99 @@ class Pipeline:
                 cond.notify_all()
 
     def reset_after_fork(self) -> None:
-        """In a forked child: forget the parent's queue, thread and socket."""
-        self.queue = deque(maxlen=QUEUE_LIMIT)
+        """In a forked child: forget the parent's queue, thread, socket and losses."""
+        self.queue = deque()
         self.deferred = {}
         self.thread = None
         self._cond = None
         self._start_lock = allocate_lock()
         self._requested = self._completed = 0
-        self._sender = None  # its locks may have been held by the parent's thread
+        self.losses = Losses()  # the parent reports its own
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()  # the parent's socket, inherited: the child opens its own
 
     # -- background thread -----------------------------------------------------
 
     def _run(self) -> None:
         cond = self._cond
         assert cond is not None
+        next_flush = time.monotonic() + self.interval
         while True:
             with cond:
-                cond.wait_for(
-                    lambda: self._requested > self._completed or self._closed, self.interval
+                left = next_flush - time.monotonic()
+                if left > 0 and not (self._requested > self._completed or self._closed):
+                    cond.wait(min(left, QUEUE_CHECK_PERIOD))
+                due = (
+                    self._requested > self._completed
+                    or self._closed
+                    or time.monotonic() >= next_flush
                 )
                 target = self._requested
+            if not due:
+                self.trim_queues()
+                continue
             try:
                 self.send_pending()
             except Exception:
                 _log.log_once("metrics-flush", "agent: sending metrics failed", exc_info=True)
+            next_flush = time.monotonic() + self.interval
             with cond:
                 self._completed = max(self._completed, target)
                 cond.notify_all()
-            if self._closed or self._cond is not cond:  # closed, or a stale thread after fork
+            if self._cond is not cond:  # a stale thread after fork
                 return
+            if self._closed:
+                if self._sender is not None:
+                    self._sender.close()
+                return
+
+    def trim_queues(self) -> None:
+        """Drop (and count) the oldest records of any queue longer than QUEUE_LIMIT."""
+        dropped = 0
+        for queue in (self.queue, *list(self.deferred.values())):
+            excess = len(queue) - QUEUE_LIMIT
+            if excess > 0:
+                pop = queue.popleft
+                for _ in range(excess):
+                    pop()
+                dropped += excess
+        if dropped:
+            self.losses.add(
+                "queue_full",
+                dropped,
+                "agent: %d metric records dropped: more than %d were waiting to be sent "
+                "(reason queue_full)",
+                dropped,
+                QUEUE_LIMIT,
+            )
 
     def send_pending(self) -> None:
         """Drain the queue, aggregate, sanitise and send (background thread)."""
+        self.trim_queues()
         batch = self.aggregate(self._drain(), self._drain_deferred())
-        if batch.empty():
+        if batch.empty() and not self.losses.pending:
             return
         if self._sender is None:
             from agent._sender import Sender
 
-            self._sender = Sender(self.config)
+            self._sender = Sender(self.config, self.losses)
         self._sender.send(batch)
 
     def _drain(self) -> Iterator[tuple[int, Any, Any, Tags]]:
-        """What is queued now, oldest first (what arrives meanwhile waits for the next flush)."""
+        """What is queued now, oldest first (what arrives meanwhile waits for the next flush).
+
+        In chunks, with the GIL offered to the application's threads between two: a
+        big flush would otherwise hold it for up to the 5 ms switch interval at a time.
+        """
         pop = self.queue.popleft
-        for _ in range(len(self.queue)):
-            try:
-                yield pop()
-            except IndexError:  # pragma: no cover - only this thread pops
-                return
+        left = len(self.queue)
+        while left > 0:
+            n = min(left, DRAIN_CHUNK)
+            left -= n
+            yield from [pop() for _ in range(n)]
+            if left:
+                _sleep(0)
 
     def _drain_deferred(self) -> dict[Any, list[Any]]:
         drained = {}
@@ -293,34 +371,105 @@ class Pipeline:
         """
         from agent._sender import Batch
 
-        counts: dict[tuple[str, Tags], float] = {}
-        gauges: dict[tuple[str, Tags], float] = {}
-        timings: dict[tuple[str, Tags], list[float]] = {}
-        add = self._add
-        for kind, name, value, tags in items:
-            add(counts, gauges, timings, kind, name, value, tags)
+        series: Series = ({}, {}, {})
+        self._add_all(series, items)
         for expand, payloads in (deferred or {}).items():
-            try:
-                for kind, name, value, tags in expand(payloads):
-                    add(counts, gauges, timings, kind, name, value, tags)
-            except Exception:
-                _log.log_once("metrics-expand", "agent: a metric record failed", exc_info=True)
+            self._add_all(series, self._expand(expand, payloads))
+        counts, gauges, timings = series
 
         batch = Batch()
-        context = self.tags.context
+        context = self._context
         for raw, value in counts.items():
-            key = context(*raw)
-            batch.counts[key] = batch.counts.get(key, 0) + value
+            key = context(raw, 1)
+            if key is not None:
+                batch.counts[key] = batch.counts.get(key, 0) + value
         for raw, value in gauges.items():
-            batch.gauges[context(*raw)] = value
+            key = context(raw, 1)
+            if key is not None:
+                batch.gauges[key] = value
         for raw, samples in timings.items():
-            key = context(*raw)
+            key = context(raw, len(samples))
+            if key is None:
+                continue
             existing = batch.timings.get(key)
             if existing is None:
                 batch.timings[key] = samples
             else:
                 existing.extend(samples)
         return batch
+
+    def _add_all(self, series: Series, records: Iterable[Any]) -> None:
+        """Aggregate ``records``; one that raises takes the slow path alone."""
+        counts, gauges, timings = series
+        add = self._add
+        records = iter(records)
+        while True:
+            record = None
+            try:  # around the loop, not in it: the common case pays nothing
+                for record in records:
+                    add(counts, gauges, timings, *record)
+                return
+            except Exception:
+                self._add_coerced(series, record)
+
+    def _add_coerced(self, series: Series, record: Any) -> None:
+        """A record the fast path rejected: make its tags hashable, its value a number.
+
+        A tag value that is not hashable (a list) is sent as its text, as every tag
+        value is; a value that is not a number drops the record, counted.
+        """
+        name: Any = "unknown"
+        try:
+            kind, name, value, tags = record
+            name = name if type(name) is str else str(name)
+            tags = coerce_tags(tags)
+            counts, gauges, timings = series
+            raw = (name, tags)
+            if kind == TIMING:
+                samples = timings.setdefault(raw, [])
+                for sample in value if type(value) is list else [value]:
+                    try:
+                        samples.append(float(sample))
+                    except Exception:
+                        self._bad_record(name, f"a value of type {type(sample).__name__}")
+            elif kind == COUNT:
+                counts[raw] = float(counts.get(raw, 0)) + float(value)
+            else:
+                gauges[raw] = float(value)
+        except Exception as exc:
+            what = f"a value of type {type(record[2]).__name__}" if _is_record(record) else ""
+            self._bad_record(str(name), what or type(exc).__name__)
+
+    def _expand(self, expand: Callable[[list[Any]], Iterable[Record]], payloads: list[Any]) -> Any:
+        """``expand(payloads)``; if it raises, payload by payload, dropping those that fail."""
+        try:
+            return list(expand(payloads))
+        except Exception:
+            _log.logger().debug("agent: expanding metric records failed", exc_info=True)
+        records: list[Any] = []
+        for payload in payloads:
+            try:
+                records.extend(expand([payload]))
+            except Exception as exc:
+                self._bad_record(getattr(expand, "__qualname__", "?"), type(exc).__name__)
+        return records
+
+    def _context(self, raw: tuple[str, Tags], lines: int) -> tuple[str, tuple[str, ...]] | None:
+        """The sanitised context of ``raw``; None (counted) if even coerced it cannot be made."""
+        try:
+            return self.tags.context(*raw)
+        except Exception:
+            pass
+        name, tags = raw
+        try:
+            return self.tags.context(str(name), coerce_tags(tags))
+        except Exception as exc:
+            for _ in range(lines):
+                self._bad_record(str(name), f"tags that cannot be sent ({type(exc).__name__})")
+            return None
+
+    def _bad_record(self, name: str, what: str) -> None:
+        self.losses.bad_record(name, what)
 
     @staticmethod
     def _add(
@@ -344,6 +493,94 @@ class Pipeline:
                 samples.extend(many)
         else:
             gauges[raw] = value
+
+
+def _is_record(record: Any) -> bool:
+    return type(record) is tuple and len(record) == 4
+
+
+def coerce_tags(tags: Any) -> Tags:
+    """Any tags as hashable ``(key, value)`` pairs: a mapping, ``key:value`` strings, None.
+
+    A value that cannot be hashed (a list) becomes its text, which is what
+    sanitising makes of every value anyway.
+    """
+    if tags is None:
+        return ()
+    if hasattr(tags, "items"):
+        tags = list(tags.items())
+    elif isinstance(tags, str):
+        tags = [tags]
+    pairs = []
+    for tag in tags:
+        if isinstance(tag, (tuple, list)) and len(tag) == 2:
+            key, value = tag
+        else:
+            key, _, value = str(tag).partition(":")
+        try:
+            hash(value)
+        except TypeError:
+            value = str(value)
+        pairs.append((str(key), value))
+    return tuple(pairs)
+
+
+class Losses:
+    """What the agent could not deliver, counted by reason until sent as ``agent.dropped``.
+
+    Reasons: ``queue_full`` and ``bad_record`` count records (metric calls);
+    ``unresolved``, ``socket_full`` and ``send_failed`` count DogStatsD lines (one
+    metric and tag set of a flush; up to 32 timing samples). Each reason warns on
+    the ``agent`` logger once, then at most once per :data:`WARNING_PERIOD`.
+    Used by the metrics thread only.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, int] = {}
+        self._warnings: dict[str, _log.RateLimited] = {}
+
+    def count(self, reason: str, n: int) -> None:
+        """Count ``n`` more lost for ``reason``, without a warning."""
+        if n > 0:
+            self.pending[reason] = self.pending.get(reason, 0) + n
+
+    def add(self, reason: str, n: int, message: str, *args: object) -> None:
+        """Count ``n`` more lost for ``reason`` and warn (rate-limited per reason)."""
+        self.count(reason, n)
+        self.warn(reason, message, *args)
+
+    def warn(self, reason: str, message: str, *args: object) -> None:
+        """The warning of ``reason``: the first, then one per period."""
+        limiter = self._warnings.get(reason)
+        if limiter is None:
+            limiter = self._warnings[reason] = _log.RateLimited(WARNING_PERIOD)
+        limiter.warning(message, *args)
+
+    def bad_record(self, name: str, what: str) -> None:
+        """One record of metric ``name`` dropped because it has ``what``."""
+        self.add(
+            "bad_record",
+            1,
+            "agent: a metric record was dropped: metric %r has %s (reason bad_record)",
+            name[:MAX_TAG_LENGTH],
+            what,
+        )
+
+    def reported(self, counts: dict[str, int]) -> None:
+        """``counts`` reached the destination: they are no longer pending."""
+        for reason, n in counts.items():
+            left = self.pending.get(reason, 0) - n
+            if left > 0:
+                self.pending[reason] = left
+            else:
+                self.pending.pop(reason, None)
+
+    def reset_warnings(self, reasons: Iterable[str]) -> None:
+        """Metrics get through again: the next failure of ``reasons`` warns at once."""
+        for reason in reasons:
+            limiter = self._warnings.get(reason)
+            if limiter is not None:
+                limiter.reset()
 
 
 class TagRules:

@@ -13,6 +13,7 @@ never reports its parent's CPU as its own.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from agent import metrics
@@ -90,5 +91,18 @@ def _after_fork_in_child() -> None:
         ensure_started()
 
 
+_child_hook_registered = False
+
+
+def _before_fork() -> None:
+    # The child's hook starts a thread, so it must run after threading's own child
+    # hook, which forgets every thread but the current one: hooks run in the order
+    # they were registered, so ours is registered once threading has registered its.
+    global _child_hook_registered
+    if not _child_hook_registered and "threading" in sys.modules:
+        _child_hook_registered = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork)

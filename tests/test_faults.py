@@ -1,32 +1,44 @@
-"""Faults, with numbers: a bad destination, a fork, a process that exits at once.
+"""Faults: a bad destination, a fork, a process that exits at once.
 
 Each runs in its own process, the way the agent runs in an application.
+Figures (time per call, fork duration) are in ``benchmarks/``; these tests
+assert behaviour only.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 from tests.support.http import closed_port
-from tests.support.proc import run_python
+from tests.support.proc import ROOT, clean_env, run_python
 
-# 10,000 metric calls timed on the caller's thread; stdout gets the seconds spent.
+# 10,000 metric calls, with every socket call the caller's thread makes recorded
+# (audit events: DNS, connect, sendto...); stdout gets them.
 TEN_THOUSAND_CALLS = """
-    import json, time
+    import json, sys, threading
     import agent
     from agent import metrics
     assert agent.install()
+    main = threading.main_thread()
+    calls = []
+    def audit(event, args):
+        if event.startswith("socket.") and threading.current_thread() is main:
+            calls.append(event)
+    sys.addaudithook(audit)
     tags = (("peer", "users-api"), ("view", "index"), ("method", "GET"), ("status", 200))
-    start = time.perf_counter()
     for i in range(10_000):
         metrics.count("requests.count", 1, tags)
-    spent = time.perf_counter() - start
     agent.flush(2)                      # the background thread meets the fault now
     for i in range(10_000):             # and the app goes on emitting
         metrics.count("requests.count", 1, tags)
     agent.flush(2)
-    print(json.dumps({"spent": spent}))
+    print(json.dumps({"socket_calls": calls}))
 """
 
 
@@ -34,26 +46,24 @@ def agent_warnings(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("agent:")]
 
 
-def test_unresolvable_destination_costs_the_caller_nothing():
+def test_unresolvable_destination_costs_the_caller_no_socket_call():
     proc = run_python(TEN_THOUSAND_CALLS, {"DD_AGENT_HOST": "does-not-resolve.invalid"})
     assert proc.returncode == 0, proc.stderr
-    spent = json.loads(proc.stdout)["spent"]
-    assert spent < 0.050, f"10,000 calls took {spent * 1000:.1f} ms on the caller's thread"
+    assert json.loads(proc.stdout)["socket_calls"] == []  # no DNS on the caller's thread
     warnings = agent_warnings(proc.stderr)
     assert len(warnings) == 1, proc.stderr
     assert "does-not-resolve.invalid" in warnings[0] and "does not resolve" in warnings[0]
     assert "Traceback" not in proc.stderr
 
 
-def test_closed_port_costs_the_caller_nothing_and_warns_once():
+def test_closed_port_costs_the_caller_no_socket_call_and_warns_once():
     port = closed_port()
     proc = run_python(TEN_THOUSAND_CALLS, {"DD_DOGSTATSD_URL": f"udp://127.0.0.1:{port}"})
     assert proc.returncode == 0, proc.stderr
-    spent = json.loads(proc.stdout)["spent"]
-    assert spent < 0.050, f"10,000 calls took {spent * 1000:.1f} ms on the caller's thread"
+    assert json.loads(proc.stdout)["socket_calls"] == []
     warnings = agent_warnings(proc.stderr)
-    assert len(warnings) <= 1, proc.stderr
-    assert all("are being dropped" in w for w in warnings)
+    assert len(warnings) == 1, proc.stderr
+    assert "are being dropped" in warnings[0] and "send_failed" in warnings[0]
     assert "Traceback" not in proc.stderr
 
 
@@ -63,50 +73,150 @@ def test_missing_unix_socket_warns_once(tmp_path):
     assert len(agent_warnings(proc.stderr)) == 1, proc.stderr
 
 
-def test_fork_is_fast_and_the_child_sends_its_own_metrics(statsd):
+def test_a_forked_child_sends_its_own_metrics_and_not_the_parents(statsd):
     code = """
-        import json, os, time
+        import os
         import agent
         from agent import metrics
         assert agent.install()
         metrics.count("forktest.parent_before", 1)
         agent.flush(3)                      # the metrics thread is running and connected
         metrics.count("forktest.parent_pending", 1)   # queued in the parent at fork time
-        start = time.perf_counter()
         pid = os.fork()
         if pid == 0:
             metrics.count("forktest.child", 1)
-            agent.flush(3)
-            os._exit(0)
-        fork_seconds = time.perf_counter() - start
-        os.waitpid(pid, 0)
+            os._exit(0 if agent.flush(3) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
         agent.flush(3)
-        print(json.dumps({"fork": fork_seconds}))
     """
     proc = run_python(code, statsd.env)
     assert proc.returncode == 0, proc.stderr
-    fork_seconds = json.loads(proc.stdout)["fork"]
-    assert fork_seconds < 0.020, f"fork() took {fork_seconds * 1000:.1f} ms"
     assert statsd.wait_total("talisker.forktest.child", 1) == 1
     # the parent's queued metric is sent once, by the parent, not again by the child
     assert statsd.wait_total("talisker.forktest.parent_pending", 1) == 1
     assert statsd.total("talisker.forktest.parent_before") == 1
+    senders = {m.sender for m in statsd.metrics}
+    assert len(senders) == 2  # the child sent from a socket of its own
+
+
+# The issue's repro: forks while the first metric starts the metrics thread. Each
+# child must import urllib.parse and flush; a child forked while the metrics thread
+# was importing got a half-initialised module (a hang or an ImportError).
+FORK_WHILE_STARTING = """
+    import os, time, agent
+    from agent import metrics
+    agent.install(); metrics.count("start", 1); agent.flush(0)
+    pids = []
+    for _ in range(8):
+        metrics.count("flowing", 1)
+        pid = os.fork()
+        if pid == 0:
+            import urllib.parse; urllib.parse.urlparse("http://x/")
+            os._exit(0 if agent.flush(3) else 3)
+        pids.append(pid)
+        time.sleep(0.01)
+    print([os.waitpid(pid, 0)[1] for pid in pids])
+"""
+
+
+def run_in_own_session(code: str, env: dict[str, str], timeout: float) -> tuple[str, str]:
+    """Run ``code``; kill it and every child it left (a hung one) on timeout. (stdout, stderr)"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=clean_env(**env),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return out, err + f"\nhung for {timeout} s"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return out, err
+
+
+def test_forks_while_the_metrics_thread_starts_leave_every_child_whole(statsd):
+    env = {**statsd.env, "TALISKER_METRICS_FLUSH_INTERVAL": "0.05"}
+    for run in range(30):
+        out, err = run_in_own_session(FORK_WHILE_STARTING, env, timeout=60)
+        assert out.strip() == str([0] * 8), f"run {run}: {out}\n{err}"
+        assert "Traceback" not in err, f"run {run}: {err}"
+
+
+def test_the_metrics_threads_import_nothing(tmp_path, statsd, statsd_unix):
+    # An import in a background thread is what a fork can catch half done: the
+    # threads of the agent must find everything imported before they start.
+    code = f"""
+        import json, sys, threading
+        imports = []
+        def audit(event, args):
+            if event == "import" and threading.current_thread().name.startswith("talisker"):
+                imports.append(args[0])
+        sys.addaudithook(audit)
+        import time
+        import agent
+        from agent import config, metrics
+        for url in ("{statsd.url}", "{statsd_unix.url}",
+                    "udp://127.0.0.1:{closed_port()}", "udp://localhost:9",
+                    "udp://does-not-resolve.invalid:8125", "udp://bücher.invalid:8125",
+                    "unix://{tmp_path}/none.socket", "unixstream://{tmp_path}/none.socket"):
+            env = {{"DD_DOGSTATSD_URL": url, "TALISKER_RUNTIME_METRICS_INTERVAL": "0.05"}}
+            assert agent.install(config.load(env))
+            metrics.count("ok.count", 1, (("k", "v"),))
+            metrics.count("bad.count", "abc")
+            metrics.timing("odd.latency", 1.0, (("k", ["a"]),))
+            metrics.gauge("odd.gauge", object())
+            metrics.record_deferred(lambda payloads: [1 / 0], 1)
+            time.sleep(0.1)  # the CPU thread reports
+            agent.flush(5)
+            agent.flush(5)
+        print(json.dumps(imports))
+    """
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_no_secret_of_the_destination_is_logged_by_a_metrics_client():
+    # The datadog client logs DD_DOGSTATSD_URL verbatim when its port is bad; the
+    # agent does not import it. (The agent's own warning about the value is config.py's.)
+    code = """
+        import logging, sys
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+        import agent
+        from agent import metrics
+        metrics.count("x", 1)
+        agent.flush(3)
+        print("datadog" in sys.modules)
+    """
+    proc = run_python(code, {"DD_DOGSTATSD_URL": "udp://user:pa/ss@127.0.0.1:8125"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    others = [line for line in proc.stderr.splitlines() if not line.startswith("agent:")]
+    assert not [line for line in others if line.startswith("datadog")], proc.stderr
+    assert not [line for line in others if "pa/ss" in line or "user:" in line], proc.stderr
 
 
 def test_a_process_that_emits_and_exits_at_once_delivers(statsd):
     code = """
-        import time
-        start = time.perf_counter()
         import agent
         from agent import metrics
         agent.install()
         metrics.count("shortlived.count", 7)
         metrics.timing("shortlived.latency", 1.5)
-        print(time.perf_counter() - start)
     """
     proc = run_python(code, statsd.env)
     assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout) < 0.100  # the program itself ran for under 100 ms
     assert statsd.wait_total("talisker.shortlived.count", 7) == 7
     assert statsd.samples("talisker.shortlived.latency") == [1.5]
 
@@ -121,7 +231,7 @@ def test_exit_does_not_hang_on_an_unreachable_destination():
     start = time.monotonic()
     proc = run_python(code, {"DD_AGENT_HOST": "does-not-resolve.invalid"})
     assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 15  # the exit flush waits 3 s at most: no hang
 
 
 def test_a_bad_value_under_import_agent_warns_once_and_the_program_runs():

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+import urllib3
 
 import agent
-from agent import metrics
+from agent import config, metrics
+from tests.support.statsd import Receiver
+
+DROPPED = "talisker.agent.dropped"
 
 
 def send(receiver, expected_lines: int = 1) -> None:
     assert agent.flush(5)
-    receiver.wait_for(lambda: len(receiver.metrics) >= expected_lines, 2)
+    receiver.wait_for(lambda: len(receiver.metrics) >= expected_lines, 10)
+
+
+def install_to(url: str, **env: str) -> None:
+    """Install the agent in this process sending to ``url`` (uninstalled by the test)."""
+    environ = {"TALISKER_ENABLED": "true", "DD_DOGSTATSD_URL": url, **env}
+    assert agent.install(config.load(environ))
+
+
+def agent_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "agent" and r.levelno >= 30]
 
 
 def test_counts_are_aggregated_per_context(install_agent, statsd):
@@ -39,7 +55,7 @@ def test_many_samples_are_split_over_lines(install_agent, statsd):
     for i in range(1000):
         metrics.timing("requests.latency", float(i), ())
     send(statsd)
-    statsd.wait_for(lambda: len(statsd.samples("talisker.requests.latency")) >= 1000, 2)
+    statsd.wait_for(lambda: len(statsd.samples("talisker.requests.latency")) >= 1000, 10)
     assert sorted(statsd.samples("talisker.requests.latency")) == [float(i) for i in range(1000)]
     assert all(len(m.line) < 1432 for m in statsd.metrics)
 
@@ -110,7 +126,7 @@ def test_the_cap_holds_across_flushes(install_agent, statsd):
         for i in range(5):
             metrics.count("requests.count", 1, (("view", f"b{batch}-{i}"),))
         assert agent.flush(5)
-    statsd.wait_for(lambda: statsd.total("talisker.requests.count") >= 15, 2)
+    statsd.wait_for(lambda: statsd.total("talisker.requests.count") >= 15, 10)
     assert {m.tag("view") for m in statsd.find("talisker.requests.count")} == {
         "b0-0",
         "b0-1",
@@ -187,3 +203,179 @@ def test_metric_names_are_sanitised(install_agent, statsd):
     metrics.count("my block|x:y#z", 1)
     send(statsd)
     assert statsd.find("talisker.my_block_x_y_z")
+
+
+def test_constant_tags_and_origin_fields_of_the_datadog_client(install_agent, statsd, monkeypatch):
+    monkeypatch.setenv("DD_ENTITY_ID", "pod-42")
+    monkeypatch.setenv("DD_EXTERNAL_ENV", "it-false,cn-app")
+    monkeypatch.setenv("DD_ORIGIN_DETECTION_ENABLED", "false")
+    install_agent(DD_SERVICE="billing")
+    metrics.count("requests.count", 2, (("peer", "a"),))
+    metrics.count("bare.count", 1)
+    send(statsd, 2)
+    lines = statsd.raw_text().splitlines()
+    constant = "service:billing,dd.internal.entity_id:pod-42|e:it-false,cn-app"
+    assert f"talisker.requests.count:2|c|#peer:a,{constant}" in lines
+    assert f"talisker.bare.count:1|c|#{constant}" in lines
+
+
+def test_datadog_dogstatsd_disable_sends_nothing(install_agent, statsd, monkeypatch):
+    monkeypatch.setenv("DD_DOGSTATSD_DISABLE", "true")
+    install_agent()
+    metrics.count("requests.count")
+    assert agent.flush(5)
+    assert not statsd.wait_for(lambda: bool(statsd.datagrams), 1)
+
+
+def test_unix_stream_socket():
+    receiver = Receiver("unixstream")
+    try:
+        install_to(receiver.url)
+        for i in range(2000):  # several frames
+            metrics.count("requests.count", 1, (("view", f"v{i % 50}"),))
+        metrics.timing("requests.latency", 2.5)
+        send(receiver)
+        receiver.wait_for(lambda: receiver.total("talisker.requests.count") >= 2000, 10)
+        assert receiver.total("talisker.requests.count") == 2000
+        assert receiver.samples("talisker.requests.latency") == [2.5]
+        assert not receiver.errors
+    finally:
+        agent.uninstall()
+        receiver.close()
+
+
+def test_a_unix_url_finds_a_stream_socket():
+    receiver = Receiver("unixstream")
+    try:
+        install_to("unix://" + receiver.path)
+        metrics.count("requests.count", 3)
+        send(receiver)
+        assert receiver.total("talisker.requests.count") == 3
+    finally:
+        agent.uninstall()
+        receiver.close()
+
+
+# -- nothing is lost silently ------------------------------------------------------
+
+
+def test_a_bad_record_is_dropped_and_counted_and_its_flush_is_sent(
+    install_agent, statsd, http_server, caplog
+):
+    install_agent()
+    for _ in range(2):  # the second flush is the same: still counted, still isolated
+        with agent.timed("billing.invoice", tags={"kind": ["monthly"]}):  # a list as a value
+            pass
+        metrics.count("bad.count", "abc")  # not a number
+        metrics.count("good.count", 1, (("k", "v"),))
+        urllib3.PoolManager().request("GET", http_server.url + "/a")
+        assert agent.flush(5)
+    statsd.wait_for(lambda: statsd.total(DROPPED) >= 2, 10)
+    assert statsd.total("talisker.good.count", k="v") == 2
+    assert statsd.total("talisker.requests.count") == 2  # deferred records of the same flush
+    latencies = statsd.find("talisker.billing.invoice.latency")
+    assert len(latencies) == 2 and latencies[0].tag("kind") == "__monthly__"  # sent as its text
+    assert not statsd.find("talisker.bad.count")
+    assert statsd.total(DROPPED, reason="bad_record") == 2
+    (warning,) = agent_warnings(caplog)  # rate-limited: once, though it happened twice
+    assert "'bad.count'" in warning and "str" in warning and "bad_record" in warning
+
+
+def _expand_strictly(payloads):
+    return [(metrics.COUNT, "expanded.count", 10 // payload, ()) for payload in payloads]
+
+
+def test_a_failing_expansion_loses_only_its_bad_payloads(install_agent, statsd):
+    install_agent()
+    for payload in (1, 0, 2):  # 10 // 0 raises
+        metrics.record_deferred(_expand_strictly, payload)
+    metrics.count("other.count", 1)
+    send(statsd)
+    statsd.wait_for(lambda: statsd.total(DROPPED) >= 1, 10)
+    assert statsd.total("talisker.expanded.count") == 15
+    assert statsd.total("talisker.other.count") == 1
+    assert statsd.total(DROPPED, reason="bad_record") == 1
+
+
+def test_records_past_the_queue_limit_are_counted(install_agent, statsd, monkeypatch, caplog):
+    monkeypatch.setattr(metrics, "QUEUE_LIMIT", 1000)
+    install_agent(TALISKER_METRICS_FLUSH_INTERVAL="60")  # only the explicit flush drains
+    for _ in range(1500):
+        metrics.count("queued.count", 1)
+    send(statsd)
+    statsd.wait_for(lambda: statsd.total(DROPPED) >= 1, 10)
+    assert statsd.total("talisker.queued.count") == 1000
+    assert statsd.total(DROPPED, reason="queue_full") == 500
+    (warning,) = agent_warnings(caplog)
+    assert "500 metric records dropped" in warning and "queue_full" in warning
+
+
+def test_a_full_unix_socket_counts_its_losses_and_reports_them_once_read(caplog):
+    receiver = Receiver("unix", reading=False)  # its reader has stopped
+    try:
+        install_to(receiver.url, TALISKER_METRICS_MAX_TAG_VALUES="5000")
+        for i in range(3000):  # ~15 datagrams; a unix socket queues 10 by default
+            metrics.count("full.count", 1, (("n", f"value-{i}"),))
+        assert agent.flush(5)
+        receiver.start_reading()
+        metrics.count("after.count", 1)
+        for _ in range(50):  # a reader slow to catch up may cost this flush too: counted
+            assert agent.flush(5)
+            if receiver.wait_for(lambda: receiver.find(DROPPED), 0.2):
+                break
+        received = len(receiver.find("talisker.full.count"))
+        received += len(receiver.find("talisker.after.count"))
+        dropped = receiver.total(DROPPED, reason="socket_full")
+        assert dropped > 0 and received + dropped == 3001
+        (warning,) = agent_warnings(caplog)
+        assert "socket buffer is full" in warning and "socket_full" in warning
+    finally:
+        agent.uninstall()
+        receiver.close()
+
+
+def test_losses_while_the_socket_is_missing_are_reported_when_it_is_back(tmp_path, caplog):
+    path = str(tmp_path / "dsd.socket")
+    install_to(f"unix://{path}")
+    receiver = None
+    try:
+        for i in range(20):
+            metrics.count("early.count", 1, (("n", str(i)),))
+        assert agent.flush(5)
+        assert agent.flush(5)  # a flush with nothing new: the counts stay pending
+        receiver = Receiver("unix", address=path)
+        metrics.count("late.count", 1)
+        assert agent.flush(5)
+        receiver.wait_for(lambda: receiver.find(DROPPED), 10)
+        assert receiver.total(DROPPED, reason="send_failed") == 20
+        assert receiver.total("talisker.late.count") == 1
+        (warning,) = agent_warnings(caplog)
+        assert "are being dropped" in warning and "No such file" in warning
+    finally:
+        agent.uninstall()
+        if receiver is not None:
+            receiver.close()
+
+
+def test_losses_to_a_closed_udp_port_are_reported_when_it_listens(caplog):
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    install_to(f"udp://127.0.0.1:{port}")
+    receiver = None
+    try:
+        for i in range(10):
+            metrics.count("early.count", 1, (("n", str(i)),))
+        assert agent.flush(5)
+        receiver = Receiver("udp", address=port)
+        metrics.count("late.count", 1)
+        assert agent.flush(5)
+        receiver.wait_for(lambda: receiver.find(DROPPED), 10)
+        assert receiver.total(DROPPED, reason="send_failed") == 10
+        assert receiver.total("talisker.late.count") == 1
+        assert any("Connection refused" in w for w in agent_warnings(caplog))
+    finally:
+        agent.uninstall()
+        if receiver is not None:
+            receiver.close()

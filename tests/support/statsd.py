@@ -108,29 +108,51 @@ def parse_line(line: str) -> Metric:
 
 
 class Receiver:
-    """Receives DogStatsD datagrams on a UDP port or a unix datagram socket."""
+    """Receives DogStatsD datagrams on a UDP port, a unix datagram socket or a unix stream.
 
-    def __init__(self, kind: str = "udp") -> None:
+    ``kind`` is ``udp``, ``unix`` (datagrams) or ``unixstream`` (frames, each with
+    its little-endian 32-bit length). ``address`` binds a given port or path
+    instead of a fresh one; ``reading=False`` binds without reading until
+    :meth:`start_reading` (a stopped reader, whose socket buffer fills up).
+    """
+
+    def __init__(
+        self, kind: str = "udp", address: int | str | None = None, reading: bool = True
+    ) -> None:
         self.kind = kind
         self.metrics: list[Metric] = []
         self.errors: list[str] = []
         self.datagrams: list[bytes] = []
         self._cond = threading.Condition()
+        self._dir: str | None = None
         if kind == "udp":
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.bind(("127.0.0.1", 0))
+            self.sock.bind(("127.0.0.1", int(address or 0)))
             self.port = self.sock.getsockname()[1]
             self.url = f"udp://127.0.0.1:{self.port}"
             self.path = None
         else:
-            self._dir = tempfile.mkdtemp(prefix="dsd")
-            self.path = os.path.join(self._dir, "dsd.socket")
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            if address is None:
+                self._dir = tempfile.mkdtemp(prefix="dsd")
+                address = os.path.join(self._dir, "dsd.socket")
+            self.path = str(address)
+            stream = kind == "unixstream"
+            self.sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_STREAM if stream else socket.SOCK_DGRAM
+            )
             self.sock.bind(self.path)
-            self.url = f"unix://{self.path}"
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            if stream:
+                self.sock.listen(8)
+            self.url = f"{'unixstream' if stream else 'unix'}://{self.path}"
+        if kind != "unixstream":
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         self._closed = False
         self._thread = threading.Thread(target=self._run, daemon=True)
+        if reading:
+            self._thread.start()
+
+    def start_reading(self) -> None:
+        """Start reading (a receiver made with ``reading=False``)."""
         self._thread.start()
 
     @property
@@ -139,6 +161,9 @@ class Receiver:
         return {"DD_DOGSTATSD_URL": self.url}
 
     def _run(self) -> None:
+        if self.kind == "unixstream":
+            self._accept()
+            return
         while not self._closed:
             try:
                 data, sender = self.sock.recvfrom(65535)
@@ -146,18 +171,47 @@ class Receiver:
                 return
             if self._closed:
                 return
-            with self._cond:
-                self.datagrams.append(data)
-                for line in data.decode("utf-8", "replace").split("\n"):
-                    if not line:
-                        continue
-                    try:
-                        metric = parse_line(line)
-                        metric.sender = sender
-                        self.metrics.append(metric)
-                    except DatagramError as exc:
-                        self.errors.append(str(exc))
-                self._cond.notify_all()
+            self._received(data, sender)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read_frames, args=(conn,), daemon=True).start()
+
+    def _read_frames(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while not self._closed:
+                try:
+                    chunk = conn.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buffer += chunk
+                while len(buffer) >= 4:
+                    size = int.from_bytes(buffer[:4], "little")
+                    if len(buffer) < 4 + size:
+                        break
+                    self._received(buffer[4 : 4 + size], id(conn))
+                    buffer = buffer[4 + size :]
+
+    def _received(self, data: bytes, sender: object) -> None:
+        with self._cond:
+            self.datagrams.append(data)
+            for line in data.decode("utf-8", "replace").split("\n"):
+                if not line:
+                    continue
+                try:
+                    metric = parse_line(line)
+                    metric.sender = sender
+                    self.metrics.append(metric)
+                except DatagramError as exc:
+                    self.errors.append(str(exc))
+            self._cond.notify_all()
 
     def find(self, name: str, **tags: str) -> list[Metric]:
         """Received metrics named ``name`` (with the prefix) having all of ``tags``."""
@@ -210,7 +264,8 @@ class Receiver:
             if self.path:
                 try:
                     os.unlink(self.path)
-                    os.rmdir(self._dir)
+                    if self._dir:
+                        os.rmdir(self._dir)
                 except OSError:
                     pass
 
