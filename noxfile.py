@@ -40,7 +40,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHONS[-1:])
-@nox.parametrize("libraries", ["urllib3<2 requests~=2.28.0", "urllib3>=2 requests"])
+@nox.parametrize(
+    "libraries",
+    [
+        nox.param("urllib3<2 requests~=2.28.0", id="oldest"),
+        nox.param("urllib3>=2 requests", id="newest"),
+    ],
+)
 def compat(session: nox.Session, libraries: str) -> None:
     """The suite on the oldest and newest supported urllib3 and requests."""
     session.install("-e", ".[test]")
