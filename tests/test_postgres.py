@@ -359,8 +359,8 @@ def test_the_sessions_own_shorter_statement_timeout_is_kept(pg, statsd):
             for _ in range(2):  # the first reads the session's timeout, the second knows it
                 start = time.monotonic()
                 with pytest.raises(psycopg2.errors.QueryCanceled):
-                    run_pg_sleep(conn, 3)
-                assert time.monotonic() - start < 1.0
+                    run_pg_sleep(conn, 10)
+                assert time.monotonic() - start < 5.0  # cut at 300 ms, not at 10 s
     finally:
         conn.close()
     sent(statsd, ERRORS, at_least=2)
@@ -377,8 +377,8 @@ def test_a_session_timeout_the_application_changes_is_read_again(pg, statsd):
             cur.execute("SET statement_timeout = 300")
             start = time.monotonic()
             with pytest.raises(psycopg2.errors.QueryCanceled):
-                run_pg_sleep(conn, 3)
-            assert time.monotonic() - start < 1.0
+                run_pg_sleep(conn, 10)
+            assert time.monotonic() - start < 5.0  # cut at 300 ms, not at 10 s
             cur.execute("DISCARD ALL")  # back to no session timeout: the deadline bounds
             cur.execute("SELECT pg_sleep(0.5)")
     finally:
