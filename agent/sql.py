@@ -88,8 +88,6 @@ def outside_transaction_only(op: str, query: Any) -> bool:
 
 _ops: dict[Any, str] = {}
 _OPS_LIMIT = 2048
-#: ``cached_operation(query)``: the operation of a query string seen before, else None.
-cached_operation = _ops.get
 _perf_counter = time.perf_counter
 
 

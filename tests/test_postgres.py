@@ -134,7 +134,8 @@ def test_execute_executemany_and_callproc_are_timed(pg, statsd):
     assert statsd.total(QUERIES, operation="call") == 1
     assert statsd.total(QUERIES, operation="create") == 2
     assert statsd.total(QUERIES, operation="update") == 1
-    assert statsd.total(QUERIES, operation="other") == 1  # a Composed statement
+    assert statsd.total(QUERIES, operation="other") == 0
+    assert statsd.total(QUERIES, operation="delete") == 1  # a Composed statement, rendered
 
 
 # -- metrics -----------------------------------------------------------------------
@@ -336,6 +337,23 @@ def test_what_must_run_outside_a_transaction_block_is_recognised(query, expected
     assert sql.outside_transaction_only(op, query) is expected
 
 
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_the_agents_own_statements_read_tuples_whatever_the_cursor_factory(pg, autocommit):
+    """Their rows are tuples (psycopg2's own cursor), not the RealDictRows of the factory."""
+    conn = psycopg2.connect(pg, cursor_factory=psycopg2.extras.RealDictCursor)
+    conn.autocommit = autocommit
+    try:
+        with conn.cursor() as cur:
+            with agent.deadline(1), pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute("SELECT pg_sleep(3)")
+            if not autocommit:
+                conn.rollback()
+            with agent.deadline(1), pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.callproc("pg_sleep", (3,))
+    finally:
+        conn.close()
+
+
 def test_a_transaction_begun_by_hand_in_autocommit_keeps_no_timeout(pg):
     conn = psycopg2.connect(pg)
     conn.autocommit = True
@@ -359,8 +377,8 @@ def test_the_sessions_own_shorter_statement_timeout_is_kept(pg, statsd):
             for _ in range(2):  # the first reads the session's timeout, the second knows it
                 start = time.monotonic()
                 with pytest.raises(psycopg2.errors.QueryCanceled):
-                    run_pg_sleep(conn, 3)
-                assert time.monotonic() - start < 1.0
+                    run_pg_sleep(conn, 10)
+                assert time.monotonic() - start < 5.0  # cut at 300 ms, not at 10 s
     finally:
         conn.close()
     sent(statsd, ERRORS, at_least=2)
@@ -377,14 +395,410 @@ def test_a_session_timeout_the_application_changes_is_read_again(pg, statsd):
             cur.execute("SET statement_timeout = 300")
             start = time.monotonic()
             with pytest.raises(psycopg2.errors.QueryCanceled):
-                run_pg_sleep(conn, 3)
-            assert time.monotonic() - start < 1.0
+                run_pg_sleep(conn, 10)
+            assert time.monotonic() - start < 5.0  # cut at 300 ms, not at 10 s
             cur.execute("DISCARD ALL")  # back to no session timeout: the deadline bounds
             cur.execute("SELECT pg_sleep(0.5)")
     finally:
         conn.close()
     sent(statsd, ERRORS)
     assert statsd.total(ERRORS, type="timeout", code="57014") == 1
+
+
+# -- the application's own statement_timeout ----------------------------------------
+
+
+def expect_cancelled(conn, seconds: float = 3) -> None:
+    with pytest.raises(psycopg2.errors.QueryCanceled):
+        run_pg_sleep(conn, seconds)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(("SET statement_timeout TO 10",), id="set"),
+        pytest.param(("SET LOCAL statement_timeout = 10",), id="set-local"),
+        pytest.param(("SET SESSION statement_timeout = '10ms'",), id="set-session"),
+        pytest.param(("SELECT set_config('statement_timeout', '10', false)",), id="set_config"),
+        pytest.param(
+            ("SELECT set_config('statement_timeout', '10', true)",), id="set_config-local"
+        ),
+        pytest.param(
+            ("SELECT set_config(%s, %s, false)", ("statement_timeout", "10")), id="set_config-vars"
+        ),
+        pytest.param(("SELECT 1; SET statement_timeout = 10",), id="multi-statement"),
+        pytest.param(("DO $$ BEGIN SET statement_timeout = 10; END $$",), id="do"),
+        pytest.param(
+            (pgsql.SQL("SET statement_timeout = {}").format(pgsql.Literal(10)),), id="composed"
+        ),
+    ],
+)
+@pytest.mark.parametrize("first", ["change", "query"])
+def test_the_applications_shorter_timeout_set_in_a_transaction_wins(pg, statsd, change, first):
+    """psycopg2's test_transaction.py::QueryCancellationTests::test_statement_timeout, and kin."""
+    conn = psycopg2.connect(pg)
+    conn.set_isolation_level(extensions.ISOLATION_LEVEL_SERIALIZABLE)
+    try:
+        with agent.deadline(30), conn.cursor() as cur:
+            if first == "query":
+                cur.execute("SELECT 1")  # the session's timeout read, ours in force
+            cur.execute(*change)
+            expect_cancelled(conn)
+        conn.rollback()
+    finally:
+        conn.close()
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="timeout", code="57014") == 1  # the application's bound
+
+
+def test_a_set_local_of_the_application_ends_with_its_transaction(pg):
+    conn = psycopg2.connect(pg)
+    try:
+        with agent.deadline(30):
+            with conn.cursor() as cur:
+                cur.execute("SET LOCAL statement_timeout = 10")
+            expect_cancelled(conn)
+            conn.rollback()
+            with conn.cursor() as cur:
+                cur.execute("SET LOCAL statement_timeout = 10")
+                cur.execute("SELECT 1")
+            conn.commit()
+            run_pg_sleep(conn, 0.2)  # the next transaction: no timeout of 10 ms
+    finally:
+        conn.close()
+
+
+def test_a_set_local_of_the_application_ends_with_a_transaction_begun_by_hand(pg):
+    """In autocommit the agent sees no transaction end: its BEGIN, COMMIT carry no timeout."""
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            with agent.deadline(30):
+                cur.execute("BEGIN")
+                cur.execute("SET LOCAL statement_timeout = 10")
+                cur.execute("SELECT 1")  # the application's 10 ms read in this transaction
+                cur.execute("COMMIT")
+            cur.execute("BEGIN")
+            with agent.deadline(30):
+                run_pg_sleep(conn, 0.2)  # the next transaction: no timeout of 10 ms
+            cur.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def test_a_set_local_of_the_application_ends_with_its_transaction_unseen(pg):
+    """The next transaction begins with a statement without a deadline, which the agent skips."""
+    conn = psycopg2.connect(pg)
+    try:
+        with conn.cursor() as cur:
+            with agent.deadline(30):
+                cur.execute("SET LOCAL statement_timeout = 10")
+                cur.execute("SELECT 1")  # the application's 10 ms read in this transaction
+            cur.execute("SELECT 2")  # ours undone
+            conn.commit()
+            cur.execute("SELECT 3")  # begins the next transaction
+            with agent.deadline(30):
+                run_pg_sleep(conn, 0.2)
+    finally:
+        conn.close()
+
+
+def test_a_set_in_a_transaction_lasts_if_committed_and_not_if_rolled_back(pg):
+    conn = psycopg2.connect(pg)
+    try:
+        with agent.deadline(30):
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = 10")
+                cur.execute("SELECT 1")
+            conn.rollback()
+            run_pg_sleep(conn, 0.2)  # rolled back: no timeout
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = 10")
+            conn.commit()
+            expect_cancelled(conn)  # committed: the session's now
+            conn.rollback()
+            expect_cancelled(conn)
+    finally:
+        conn.close()
+
+
+def test_a_rollback_to_a_savepoint_undoes_the_applications_timeout(pg):
+    conn = psycopg2.connect(pg)
+    try:
+        with agent.deadline(30), conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            cur.execute("SAVEPOINT s")
+            cur.execute("SET LOCAL statement_timeout = 10")
+            expect_cancelled(conn)
+            cur.execute("ROLLBACK TO SAVEPOINT s")
+            run_pg_sleep(conn, 0.2)
+    finally:
+        conn.close()
+
+
+def test_a_reset_of_the_applications_timeout_is_seen(pg):
+    conn = psycopg2.connect(pg)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = 10")
+        conn.commit()
+        with agent.deadline(30):
+            run_pg_sleep(conn, 0)  # the session's 10 ms read
+            conn.commit()
+            with conn.cursor() as cur:
+                cur.execute("RESET statement_timeout")
+            run_pg_sleep(conn, 0.2)
+    finally:
+        conn.close()
+
+
+def test_a_connection_reset_is_seen(pg):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with agent.deadline(30):
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = 10")
+                cur.execute("SELECT 1")  # the session's 10 ms read
+            conn.reset()  # RESET ALL
+            run_pg_sleep(conn, 0.2)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "between", ["RESET search_path", "SELECT current_setting('statement_timeout')"]
+)
+def test_a_value_read_while_our_timeout_is_in_force_is_the_applications(pg, between):
+    """SHOW then gives the agent's own SET LOCAL: it must not be taken for the application's."""
+    conn = psycopg2.connect(pg)
+    try:
+        with conn.cursor() as cur:
+            with agent.deadline(30):
+                cur.execute("SELECT 1")
+                cur.execute(between)
+                cur.execute("SELECT 2")
+            cur.execute("SHOW statement_timeout")  # same transaction, outside the scope
+            assert cur.fetchone()[0] == "0"
+        conn.commit()
+        with agent.deadline(60), conn.cursor() as cur:
+            cur.execute(
+                "SELECT 3"
+            )  # not bounded by the agent's earlier 30 s taken as the session's
+            assert int(cur.query.split(b"= ")[1].split(b";")[0]) > 30000
+    finally:
+        conn.close()
+
+
+def ours(cur) -> int:
+    """The agent's statement_timeout in the prefix of the cursor's last statement."""
+    return int(cur.query.split(b"= ")[1].split(b";")[0])
+
+
+def test_a_timeout_of_ours_from_an_ended_transaction_is_not_taken_for_in_force(pg):
+    """The application sets the very value the agent used in an earlier transaction."""
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            with agent.deadline(30):
+                cur.execute("SELECT 1")  # its own transaction, with ours
+                earlier = ours(cur)
+                cur.execute(f"SET statement_timeout = {earlier}")
+            with agent.deadline(60):
+                cur.execute("BEGIN")
+                cur.execute("SELECT 2")  # reads the application's value inside a transaction
+            assert ours(cur) == earlier  # the application's, shorter than the time left
+            cur.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(
+            lambda cur: cur.execute(
+                "DO $$ BEGIN PERFORM set_config('statement_timeout', '10', false); END $$"
+            ),
+            id="do",
+        ),
+        pytest.param(
+            lambda cur: cur.callproc("set_config", ("statement_timeout", "10", False)),
+            id="callproc",
+        ),
+    ],
+)
+def test_a_timeout_the_application_sets_under_a_session_bound_is_kept(pg, change):
+    """In autocommit the agent bounds these with the session's timeout and puts it back after."""
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with agent.deadline(30), conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            change(cur)
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone()[0] == "10ms"
+            expect_cancelled(conn)
+    finally:
+        conn.close()
+
+
+# -- the agent's own statements never change what the application's call raises ------------
+
+
+class FailingWaitCallback:
+    """psycopg2's wait_select as a wait callback, raising from its ``fail_at``-th call on."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail_at: int | None = None
+
+    def fail_after(self, calls: int) -> None:
+        self.fail_at = self.calls + calls + 1
+
+    def __call__(self, conn) -> None:
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise ZeroDivisionError("the wait callback failed")
+        psycopg2.extras.wait_select(conn)
+
+
+@pytest.fixture
+def failing_wait():
+    previous = extensions.get_wait_callback()
+    callback = FailingWaitCallback()
+    extensions.set_wait_callback(callback)
+    try:
+        yield callback
+    finally:
+        extensions.set_wait_callback(previous)
+
+
+def read_session_timeout(conn) -> None:
+    with agent.deadline(30), conn.cursor() as cur:
+        cur.execute("SELECT 1")  # the agent reads the session's statement_timeout
+    conn.commit()
+
+
+@pytest.mark.parametrize(
+    ("prepare", "autocommit", "passed", "run"),
+    [
+        # the agent's SHOW statement_timeout on the first statement under a deadline
+        pytest.param(None, False, 0, lambda c: c.cursor().execute("SELECT 1"), id="show"),
+        # its SET LOCAL before a named cursor's DECLARE
+        pytest.param(
+            read_session_timeout,
+            False,
+            0,
+            lambda c: c.cursor("n").execute("SELECT 1"),
+            id="set-local",
+        ),
+        # its set_config before a callproc in autocommit, and the one putting the value back
+        pytest.param(
+            read_session_timeout,
+            True,
+            0,
+            lambda c: c.cursor().callproc("pg_sleep", (0,)),
+            id="session-bound",
+        ),
+        pytest.param(
+            read_session_timeout,
+            True,
+            2,
+            lambda c: c.cursor().callproc("pg_sleep", (0,)),
+            id="session-restore",
+        ),
+    ],
+)
+def test_a_wait_callback_error_in_an_agent_statement_reaches_the_application(
+    pg, failing_wait, prepare, autocommit, passed, run
+):
+    """psycopg2's test_green.py::CallbackErrorTestCase: its error, not 'cursor already closed'."""
+    conn = psycopg2.connect(pg)
+    try:
+        if prepare is not None:
+            prepare(conn)
+        conn.autocommit = autocommit
+        failing_wait.fail_after(passed)
+        with agent.deadline(30), pytest.raises(ZeroDivisionError):
+            run(conn)
+        assert conn.closed  # as psycopg2 leaves it after a failed callback
+    finally:
+        conn.close()
+
+
+def test_a_wait_callback_error_in_the_agents_restore_reaches_the_application(pg, failing_wait):
+    """Outside the deadline the agent first undoes its SET LOCAL (separately for a named cursor)."""
+    conn = psycopg2.connect(pg)
+    try:
+        with agent.deadline(30), conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        failing_wait.fail_after(0)
+        with pytest.raises(ZeroDivisionError):
+            conn.cursor("n").execute("SELECT 1")
+    finally:
+        conn.close()
+
+
+# -- psycopg2.sql statements ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_composed_statement_is_cancelled_at_the_deadline(pg, statsd, autocommit):
+    conn = psycopg2.connect(pg)
+    conn.autocommit = autocommit
+    try:
+        with conn.cursor() as cur:
+            query = pgsql.SQL("SELECT pg_sleep({})").format(pgsql.Literal(3))
+            with agent.deadline(1), pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute(query)
+            # in the same statement: no extra round trip
+            assert cur.query.startswith(b"SET LOCAL statement_timeout = ")
+            assert cur.query.endswith(b"; SELECT pg_sleep(3)")
+    finally:
+        conn.close()
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="deadline", code="57014", operation="select") == 1
+
+
+def composed_outcomes(dsn: str, texts: bool = True) -> list[object]:
+    """Rows or errors of Composed statements; ``cursor.query`` and messages if ``texts``."""
+    literal = pgsql.SQL("SELECT {}, %s").format
+    statements = [
+        ("execute", literal(pgsql.Literal("100%%")), ("x",)),
+        ("execute", literal(pgsql.Literal("100%")), ("x",)),  # psycopg2 formats the rendering
+        ("execute", literal(pgsql.Literal("it's")), None),
+        ("executemany", pgsql.SQL("SELECT {}").format(pgsql.Placeholder()), [(1,), (2,)]),
+        ("execute", pgsql.SQL("SELECT {}").format(pgsql.Literal(object())), None),
+        ("execute", pgsql.Composed([]), None),
+    ]
+    seen: list[object] = []
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for method, statement, params in statements:
+                try:
+                    getattr(cur, method)(statement, params)
+                except Exception as exc:
+                    seen.append((type(exc), getattr(exc, "pgcode", None), texts and str(exc)))
+                else:
+                    rows = cur.fetchall() if cur.description else None
+                    seen.append((rows, texts and cur.query))
+    finally:
+        conn.close()
+    return seen
+
+
+def test_composed_statements_behave_as_without_the_agent(install_agent, postgres_dsn):
+    without = composed_outcomes(postgres_dsn)
+    results_without = composed_outcomes(postgres_dsn, texts=False)
+    install_agent()
+    assert composed_outcomes(postgres_dsn) == without
+    with agent.deadline(30):  # the query text gets the prefix, by design; nothing else changes
+        assert composed_outcomes(postgres_dsn, texts=False) == results_without
 
 
 def test_an_expired_deadline_raises_before_executing(pg, statsd):

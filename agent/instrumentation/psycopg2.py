@@ -39,12 +39,12 @@ if TYPE_CHECKING:
 _BaseConnection = extensions.connection
 _BaseCursor = extensions.cursor
 _IDLE = extensions.TRANSACTION_STATUS_IDLE
+_INTRANS = extensions.TRANSACTION_STATUS_INTRANS
 _INERROR = extensions.TRANSACTION_STATUS_INERROR
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
 _current_scope = context.current
 _operation = sql.operation
-_cached_operation = sql.cached_operation
 _finish = sql.finish
 _expand = sql.expand_queries
 _record_deferred = metrics.record_deferred
@@ -58,23 +58,43 @@ _outside_transaction_only = sql.outside_transaction_only
 _SESSION_BOUND_OPS = frozenset(
     {"vacuum", "reindex", "cluster", "copy", "declare", "call", "do", "create", "drop", "alter"}
 )
-#: Statements after which the session's statement_timeout is read again.
-_SESSION_CHANGES = frozenset({"set", "reset", "discard"})
+#: What a statement may do to the application's own statement_timeout (see _effect).
+_NO_EFFECT, _MAY_ROLL_BACK, _MAY_SET = 0, 1, 2
+_reset_words: Any = None
+_rollback_words: Any = None
+#: The operation of query strings seen before that have no effect on statement_timeout:
+#: the inline path's cache. Any other statement takes the slower _run_uncommon.
+_plain_ops: dict[str, str] = {}
+_plain_operation = _plain_ops.get
+_PLAIN_LIMIT = 2048
 _ceil = math.ceil
 # libpq treats connect_timeout=1 as 2 seconds: ask for what it will do.
 _MIN_CONNECT_TIMEOUT = 2
 
 
 class _State:
-    """What the agent keeps per connection."""
+    """What the agent keeps per connection.
 
-    __slots__ = ("db", "dirty", "peer", "session_ms")
+    The application's own ``statement_timeout`` is known as ``session_ms`` (its
+    session's value, good for later transactions too, as long as it runs nothing
+    that may change it) or, once it changed it inside the open transaction, as
+    ``txn_ms`` (read in that transaction, good until it ends; kept only while a
+    SET LOCAL of ours is noted, so that the agent sees where the transaction
+    ends: statements without a deadline are looked at only then). ``ours_ms`` is the
+    value of a ``SET LOCAL`` of the agent's that may be in force in the open
+    transaction, ``under_ms`` the application's value beneath it: ``SHOW`` gives
+    ours while it is in force.
+    """
+
+    __slots__ = ("db", "ours_ms", "peer", "session_ms", "txn_ms", "under_ms")
 
     def __init__(self, peer: str, db: str) -> None:
         self.peer = peer
         self.db = db
-        self.session_ms: int | None = None  # the session's own statement_timeout, once read
-        self.dirty = False  # a SET LOCAL of ours is in force in the open transaction
+        self.session_ms: int | None = None
+        self.txn_ms: int | None = None
+        self.ours_ms = 0  # never 0 when set: statement_timeout 0 is not sent
+        self.under_ms = 0
 
 
 class ConnectionMixin(_BaseConnection):
@@ -94,6 +114,16 @@ class ConnectionMixin(_BaseConnection):
                 "psycopg2-cursor", "agent: timing a psycopg2 cursor failed", exc_info=True
             )
         return _BaseConnection.cursor(self, *args, **kwargs)
+
+    def reset(self) -> None:
+        """psycopg2's ``reset()`` (``ABORT; RESET ALL``...): the agent forgets the timeouts."""
+        state: _State | None = getattr(self, "_talisker", None)
+        try:
+            _BaseConnection.reset(self)
+        finally:
+            if state is not None:
+                state.session_ms = state.txn_ms = None
+                state.ours_ms = 0
 
 
 _connection_classes: dict[type, type] = {}
@@ -157,9 +187,9 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
             state: _State = self.connection._talisker
         except AttributeError:
             return base(self, query, vars)
-        op = _cached_operation(query) if type(query) is str else None
+        op = _plain_operation(query) if type(query) is str else None
         if op is None:
-            op = _operation(query)
+            return _run_uncommon(self, base, state, query, vars)
         deadline = _current_scope().deadline
         bound = False
         if deadline is not None:
@@ -170,7 +200,6 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
             if (
                 left > 0.0
                 and session_ms is not None
-                and type(query) is str
                 and op not in _NOT_INLINE
                 and self.name is None
             ):
@@ -180,11 +209,11 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
                     ms = session_ms
                 # In force until the transaction ends: an autocommit statement's own,
                 # or one the application began (by hand, even in autocommit).
-                state.dirty = True
+                state.ours_ms = ms
                 query = f"SET LOCAL statement_timeout = {ms}; {query}"
             else:
                 return _run_bounded(self, base, state, op, query, vars, deadline)
-        elif state.dirty or op in _SESSION_CHANGES:
+        elif state.ours_ms:
             query = _unbounded(self, state, op, query)
         start = _perf_counter()
         try:
@@ -199,6 +228,104 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
 
     method.__name__ = method.__qualname__ = name
     return method
+
+
+def _run_uncommon(
+    cursor: Any, base: Callable[..., Any], state: _State, query: Any, vars: Any
+) -> Any:
+    """A statement the inline path does not know.
+
+    Seen for the first time, bytes, a ``psycopg2.sql.Composed`` (sent as the
+    text it renders to), or one that may change the application's
+    ``statement_timeout``, which the agent then reads again when it needs it.
+    """
+    text = type(query) is str
+    if not text and type(query) is not bytes:
+        query = _rendered(cursor, query)
+    op = _operation(query)
+    effect = _effect(query)
+    if effect == _NO_EFFECT and text:  # not the renderings, each with its own literals
+        if len(_plain_ops) >= _PLAIN_LIMIT:
+            _plain_ops.clear()
+        _plain_ops[query] = op
+    deadline = _current_scope().deadline
+    if deadline is not None:
+        query, bound, restore = _bounded(cursor, state, op, query, deadline)
+    else:
+        bound, restore = False, None
+        if state.ours_ms:
+            query = _unbounded(cursor, state, op, query)
+    try:
+        return _timed(base, cursor, query, vars, state, op, bound, restore)
+    finally:
+        if effect != _NO_EFFECT:
+            _after(state, effect)
+
+
+def _rendered(cursor: Any, query: Any) -> Any:
+    """The text of a ``psycopg2.sql.Composable``, as psycopg2 renders it; else ``query``.
+
+    psycopg2 calls ``query.as_string(connection)`` itself; given the text, it
+    sends the same bytes. If rendering fails, psycopg2 gets the original and
+    raises what it would have.
+    """
+    if getattr(type(query), "as_string", None) is None:
+        return query
+    try:
+        from psycopg2 import sql as pgsql
+
+        if not isinstance(query, pgsql.Composable):
+            return query
+        text = query.as_string(cursor.connection)
+    except Exception:
+        return query
+    return text if text and isinstance(text, (str, bytes)) else query
+
+
+def _effect(query: Any) -> int:
+    """What a statement may do to the application's ``statement_timeout``.
+
+    ``_MAY_SET``: any mention of ``statement_timeout`` (``SET [LOCAL|SESSION]``,
+    in a multi-statement string or a ``DO`` block...), ``set_config`` (its name
+    may be a parameter), the words ``RESET`` and ``DISCARD`` (``ALL``), a
+    statement that is not text. ``_MAY_ROLL_BACK``: ``ROLLBACK`` (``TO
+    SAVEPOINT`` may undo the application's change). Only the words are looked
+    at (erring towards an effect, which costs a ``SHOW`` later); a function
+    whose body sets it, called by a statement that names neither, is not seen.
+    Substring tests first: ``execute_batch`` sends kilobytes at a time.
+    """
+    global _reset_words, _rollback_words
+    if isinstance(query, bytes):
+        text = query.decode("latin-1").lower()
+    elif isinstance(query, str):
+        text = query.lower()
+    else:
+        return _MAY_SET
+    if "statement_timeout" in text or "set_config" in text:
+        return _MAY_SET
+    if _reset_words is None:
+        import re
+
+        _reset_words = re.compile(r"\b(?:reset|discard)\b")
+        _rollback_words = re.compile(r"\b(?:rollback|abort)\b")
+    if ("reset" in text or "discard" in text) and _reset_words.search(text):
+        return _MAY_SET
+    if ("rollback" in text or "abort" in text) and _rollback_words.search(text):
+        return _MAY_ROLL_BACK
+    return _NO_EFFECT
+
+
+def _after(state: _State, effect: int) -> None:
+    """After a statement that may have changed the application's statement_timeout.
+
+    A ``ROLLBACK TO SAVEPOINT`` may undo a change made in the transaction: what
+    was read in it is forgotten either way.
+    """
+    if effect == _MAY_SET:
+        if state.session_ms is not None:
+            state.under_ms = state.session_ms  # beneath a SET LOCAL of ours of the inline path
+        state.session_ms = None
+    state.txn_ms = None
 
 
 def _run_bounded(
@@ -223,10 +350,11 @@ def _timed(
     state: _State,
     op: str,
     bound: bool,
-    restore: str | None,
+    restore: tuple[str, str] | None,
 ) -> Any:
     """``base(cursor, query, vars)``, recorded; then the session's timeout put back."""
     start = _perf_counter()
+    failed = True
     try:
         try:
             result = base(cursor, query, vars)
@@ -234,9 +362,11 @@ def _timed(
             _finish(state.peer, state.db, op, start, exc, bound)
             raise
         _finish(state.peer, state.db, op, start)
+        failed = False
     finally:
         if restore is not None:
-            _restore_session(cursor.connection, restore)
+            # What the application's own statement raised wins over what ours does.
+            _restore_session(cursor.connection, state, restore, raising=not failed)
     return result
 
 
@@ -250,18 +380,57 @@ def _time_left(state: _State, op: str, deadline: Any) -> float:
     return left
 
 
+def _agent_error(conn: Any, key: str, message: str) -> None:
+    """An agent statement or step failed: re-raised if it broke the connection, else logged.
+
+    Called in an ``except`` block. A failed wait callback closes the connection,
+    a lost server too, and an error in a transaction fails it: the application's
+    own statement would have met that error, and without it it would get a
+    different one ("cursor already closed", "current transaction is aborted").
+    Otherwise the connection is as it was and the call goes through.
+    """
+    try:
+        broken = bool(conn.closed) or conn.info.transaction_status == _INERROR
+    except Exception:
+        broken = False
+    if broken:
+        raise  # noqa: PLE0704 - always called while handling an exception
+    _log.log_once(key, message, exc_info=True)
+
+
+def _usable(conn: Any, state: _State) -> int | None:
+    """The transaction status if the agent's statements can run, else None.
+
+    Idle: the transaction in which a SET LOCAL of ours, or a value read in it,
+    was in force has ended.
+    """
+    if conn.closed:
+        return None  # psycopg2 raises its own error for the application's statement
+    status: int = conn.info.transaction_status
+    if status == _IDLE:
+        state.ours_ms = 0
+        state.txn_ms = None
+        return status
+    if status == _INTRANS:
+        return status
+    return None  # a failed transaction: only its end (or a rollback to a savepoint) runs
+
+
 def _bounded(
     cursor: Any, state: _State, op: str, query: Any, deadline: Any
-) -> tuple[Any, bool, str | None]:
+) -> tuple[Any, bool, tuple[str, str] | None]:
     """Under a deadline: fail fast once it has passed, else bound the statement by it.
 
-    Returns the statement to send, whether the deadline (not the session's own
-    ``statement_timeout``) is its bound, and the session's ``statement_timeout``
-    to put back after it if the bound had to be set for the session.
+    Returns the statement to send, whether the deadline (not the application's
+    own ``statement_timeout``) is its bound, and what :func:`_restore_session`
+    needs if the bound had to be set for the session.
     """
     left = _time_left(state, op, deadline)
+    conn = cursor.connection
     try:
-        conn = cursor.connection
+        status = _usable(conn, state)
+        if status is None:
+            return query, False, None
         named = cursor.name is not None
         if (
             named
@@ -271,33 +440,33 @@ def _bounded(
             # A named cursor's DECLARE, COPY, VACUUM, CREATE INDEX CONCURRENTLY, CALL
             # of a procedure that commits...: a prefix would make a transaction
             # block of the query string, which they cannot be in or must not be in.
-            if op in _SESSION_CHANGES:
-                state.session_ms = None  # the application may be changing statement_timeout
-            if conn.autocommit and conn.info.transaction_status == _IDLE:
+            if conn.autocommit and status == _IDLE:
                 if named or op in _SESSION_BOUND_OPS:
                     return (query, *_bound_session(conn, state, left))
                 return query, False, None  # LOCK, SHOW, LISTEN...: only the check above
             # In a transaction: bound what follows with a separate SET LOCAL.
             return query, _set_local_separately(conn, state, left), None
-        ms, bound = _timeout_ms(conn, state, left)
-        state.dirty = True
+        ms, bound = _ours(conn, state, left)
         if type(query) is str:
             return f"SET LOCAL statement_timeout = {ms}; {query}", bound, None
         return _prefixed(query, f"SET LOCAL statement_timeout = {ms}; "), bound, None
     except Exception:
-        _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
+        _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
         return query, False, None
 
 
 def _unbounded(cursor: Any, state: _State, op: str, query: Any) -> Any:
-    """No deadline: undo a SET LOCAL of ours still in force in this transaction."""
+    """No deadline: undo a SET LOCAL of ours that may be in force in this transaction."""
+    conn = cursor.connection
     try:
-        if op in _SESSION_CHANGES:
-            state.session_ms = None  # the application may be changing statement_timeout
-        if state.dirty:
-            return _without_timeout(cursor.connection, cursor, state, op, query)
+        restore = _restore_statement(conn, state)
+        if restore is None:
+            return query
+        if cursor.name is None and op not in _NOT_PREFIXABLE:
+            return _prefixed(query, restore + "; ")
+        _execute_own(conn, restore)
     except Exception:
-        _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
+        _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
     return query
 
 
@@ -306,136 +475,153 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
     state: _State | None = getattr(conn, "_talisker", None)
     if state is None:
         return base(cursor, procname, params)
+    effect = _effect(procname)  # set_config by name
     deadline = _current_scope().deadline
     bound = False
     restore = None
     if deadline is not None:
         left = _time_left(state, "call", deadline)
         try:
-            if conn.autocommit and conn.info.transaction_status == _IDLE:
+            status = _usable(conn, state)
+            if status == _IDLE and conn.autocommit:
                 bound, restore = _bound_session(conn, state, left)
-            else:
+            elif status is not None:
                 bound = _set_local_separately(conn, state, left)
         except Exception:
-            _log.log_once("psycopg2-prepare", "agent: preparing a query failed", exc_info=True)
-    elif state.dirty:
-        _reset_separately(conn, state)
-    return _timed(base, cursor, procname, params, state, "call", bound, restore)
+            _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
+    elif state.ours_ms:
+        try:
+            statement = _restore_statement(conn, state)
+            if statement is not None:
+                _execute_own(conn, statement)
+        except Exception:
+            _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
+    try:
+        return _timed(base, cursor, procname, params, state, "call", bound, restore)
+    finally:
+        if effect != _NO_EFFECT:
+            _after(state, effect)
 
 
-def _without_timeout(conn: Any, cursor: Any, state: _State, op: str, query: Any) -> Any:
-    """Outside a deadline: undo a SET LOCAL of ours still in force in this transaction."""
-    status = conn.info.transaction_status
-    if status == _IDLE:
-        state.dirty = False  # the transaction that had it has ended
-        return query
-    if cursor.name is not None or op in _NOT_PREFIXABLE:
-        _reset_separately(conn, state)
-        return query
-    state.dirty = False
-    return _prefixed(query, _restore_statement(state) + "; ")
+def _restore_statement(conn: Any, state: _State) -> str | None:
+    """What undoes a SET LOCAL of ours still in force in this transaction, if one may be.
 
-
-def _restore_statement(state: _State) -> str:
-    """Back to the session's own statement_timeout for the rest of the transaction.
-
-    ``TO DEFAULT`` would ignore a session-level ``SET`` of the application's; it
-    is used only when that value is not known (the application changed it since).
+    ``SET LOCAL statement_timeout = <the application's value>`` (``TO DEFAULT``
+    would ignore a session-level ``SET`` of the application's).
     """
-    if state.session_ms is None:
-        return "SET LOCAL statement_timeout TO DEFAULT"
-    return f"SET LOCAL statement_timeout = {state.session_ms}"
+    if _usable(conn, state) != _INTRANS:
+        return None  # ended; or failed, where nothing runs: ours stays noted until it ends
+    ms = _app_timeout_ms(conn, state)
+    # Statements without a deadline are not looked at from here on: what was
+    # read in this transaction cannot be known to be of it later.
+    state.ours_ms = 0
+    state.txn_ms = None
+    return f"SET LOCAL statement_timeout = {ms}"
 
 
-def _timeout_ms(conn: Any, state: _State, left: float) -> tuple[int, bool]:
-    """Milliseconds for statement_timeout: the time left, never more than the session's own.
+def _app_timeout_ms(conn: Any, state: _State) -> int:
+    """The application's own statement_timeout now; a round trip if it is not known.
 
-    Also whether the deadline is the bound (not the session's own timeout).
+    Read at the start of a transaction, it is the session's and is kept as
+    such; read inside one, it may be a ``SET LOCAL`` of the application's and is
+    kept for that transaction only. ``SHOW`` gives the agent's own value while
+    it is in force: the application's is then the one beneath it.
+    """
+    if state.session_ms is not None:
+        return state.session_ms
+    status = conn.info.transaction_status
+    if status != _IDLE and state.txn_ms is not None:
+        return state.txn_ms
+    row = _execute_own(conn, "SHOW statement_timeout")
+    ms = parse_duration_ms(row[0]) if row else 0
+    if status == _IDLE:
+        state.session_ms = ms
+        return ms
+    if state.ours_ms and ms == state.ours_ms:
+        ms = state.under_ms
+    state.txn_ms = ms
+    return ms
+
+
+def _limit(app_ms: int, left: float) -> tuple[int, bool]:
+    """Milliseconds for statement_timeout: the time left, never more than the application's.
+
+    Also whether the deadline is the bound (not the application's own timeout).
     """
     ms = _ceil(left * 1000.0) or 1  # never 0: 0 means no limit
-    session_ms = state.session_ms
-    if session_ms is None:
-        session_ms = state.session_ms = _session_timeout_ms(conn)
-    if 0 < session_ms < ms:
-        return session_ms, False
+    if 0 < app_ms < ms:
+        return app_ms, False
     return ms, True
 
 
-def _session_timeout_ms(conn: Any) -> int:
-    """The session's statement_timeout (one round trip, once per connection)."""
-    if conn.info.transaction_status == _INERROR:
-        return 0
-    cur = _BaseConnection.cursor(conn)
+def _ours(conn: Any, state: _State, left: float) -> tuple[int, bool]:
+    """The value for a SET LOCAL of ours, noted as in force from here on."""
+    app_ms = _app_timeout_ms(conn, state)
+    ms, bound = _limit(app_ms, left)
+    state.ours_ms = ms
+    state.under_ms = app_ms
+    return ms, bound
+
+
+def _execute_own(conn: Any, statement: str, params: Any = None) -> Any:
+    """One statement of the agent's on the application's connection: its first row, if any."""
+    cur = _BaseConnection.cursor(conn, cursor_factory=_BaseCursor)  # tuples, whatever the factory
     try:
-        cur.execute("SHOW statement_timeout")
-        row = cur.fetchone()
+        cur.execute(statement, params)
+        return cur.fetchone() if cur.description else None
     finally:
         cur.close()
-    return parse_duration_ms(row[0]) if row else 0
 
 
 def _set_local_separately(conn: Any, state: _State, left: float) -> bool:
-    if conn.autocommit and conn.info.transaction_status == _IDLE:
-        return False  # no transaction for a SET LOCAL to live in
-    ms, bound = _timeout_ms(conn, state, left)
-    cur = _BaseConnection.cursor(conn)
-    try:
-        cur.execute(f"SET LOCAL statement_timeout = {ms}")
-    finally:
-        cur.close()
-    state.dirty = True
+    """In a transaction (or one psycopg2 begins): a SET LOCAL of ours as its own statement."""
+    ms, bound = _ours(conn, state, left)
+    _execute_own(conn, f"SET LOCAL statement_timeout = {ms}")
     return bound
 
 
-def _bound_session(conn: Any, state: _State, left: float) -> tuple[bool, str | None]:
+def _bound_session(conn: Any, state: _State, left: float) -> tuple[bool, tuple[str, str] | None]:
     """Autocommit, a statement that cannot take a prefix: set the session's timeout.
 
     One round trip before (reading the value to put back) and one after, in
-    :func:`_restore_session`; nothing if the session's own timeout is shorter.
-    Returns whether the deadline is the bound, and the value to put back.
+    :func:`_restore_session`; nothing if the application's own timeout is shorter.
+    Returns whether the deadline is the bound, and the session's value and ours.
     """
-    ms, bound = _timeout_ms(conn, state, left)
+    ms, bound = _limit(_app_timeout_ms(conn, state), left)
     if not bound:
-        return False, None  # the session's own, shorter timeout is in force already
-    cur = _BaseConnection.cursor(conn)
-    try:
-        cur.execute(
-            "SELECT current_setting('statement_timeout'),"
-            " set_config('statement_timeout', %s, false)",
-            (str(ms),),
-        )
-        row = cur.fetchone()
-    finally:
-        cur.close()
-    return True, (row[0] if row else "0")
+        return False, None  # the application's own, shorter timeout is in force already
+    row = _execute_own(
+        conn,
+        "SELECT current_setting('statement_timeout'), set_config('statement_timeout', %s, false)",
+        (str(ms),),
+    )
+    return True, ((row[0], row[1]) if row else None)
 
 
-def _restore_session(conn: Any, value: str) -> None:
-    """Put back the session's statement_timeout after :func:`_bound_session`. Never raises."""
+def _restore_session(conn: Any, state: _State, values: tuple[str, str], raising: bool) -> None:
+    """Put back the session's statement_timeout after :func:`_bound_session`.
+
+    Only if it is still ours: a statement that set its own (a ``DO`` block
+    calling ``set_config``) keeps it. Raises only what :func:`_agent_error` does,
+    and only if ``raising``.
+    """
     try:
         if conn.closed:
             return
-        cur = _BaseConnection.cursor(conn)
-        try:
-            cur.execute("SELECT set_config('statement_timeout', %s, false)", (value,))
-        finally:
-            cur.close()
-    except Exception:
-        _log.log_once(
-            "psycopg2-restore",
-            "agent: restoring a session's statement_timeout failed",
-            exc_info=True,
+        row = _execute_own(
+            conn,
+            "SELECT set_config('statement_timeout', %s, false)"
+            " WHERE current_setting('statement_timeout') = %s",
+            values,
         )
-
-
-def _reset_separately(conn: Any, state: _State) -> None:
-    if conn.info.transaction_status not in (_IDLE, _INERROR):
-        cur = _BaseConnection.cursor(conn)
-        try:
-            cur.execute(_restore_statement(state))
-        finally:
-            cur.close()
-    state.dirty = False
+        if row is None:
+            state.session_ms = state.txn_ms = None  # the statement changed it: read it again
+    except Exception:
+        message = "agent: restoring a session's statement_timeout failed"
+        if raising:
+            _agent_error(conn, "psycopg2-restore", message)
+        else:
+            _log.log_once("psycopg2-restore", message, exc_info=True)
 
 
 def _prefixed(query: Any, prefix: str) -> Any:
@@ -443,11 +629,7 @@ def _prefixed(query: Any, prefix: str) -> Any:
         return prefix + query
     if isinstance(query, bytes):
         return prefix.encode() + query
-    from psycopg2 import sql as pgsql
-
-    if isinstance(query, pgsql.Composable):
-        return pgsql.Composed([pgsql.SQL(prefix), query])
-    return query
+    return query  # not text (a Composable that failed to render): psycopg2 raises its own
 
 
 _UNITS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
