@@ -250,12 +250,12 @@ def test_the_timeout_is_in_the_same_statement_and_never_zero(pg):
                 except agent.DeadlineExceeded:
                     pass
                 else:
-                    assert b"statement_timeout = 1;" in cur.query
+                    assert b"statement_timeout = 1;" in sent_statement(cur)
             with agent.deadline(2):
                 cur.execute("select %s", ("x",))
-                assert cur.query.startswith(b"SET LOCAL statement_timeout = ")
-                assert cur.query.endswith(b"; select 'x'")
-                ms = int(cur.query.split(b"= ")[1].split(b";")[0])
+                assert sent_statement(cur).startswith(b"SET LOCAL statement_timeout = ")
+                assert sent_statement(cur).endswith(b"; select 'x'")
+                ms = int(sent_statement(cur).split(b"= ")[1].split(b";")[0])
                 assert 1 <= ms <= 2000
     finally:
         conn.close()
@@ -586,14 +586,19 @@ def test_a_value_read_while_our_timeout_is_in_force_is_the_applications(pg, betw
             cur.execute(
                 "SELECT 3"
             )  # not bounded by the agent's earlier 30 s taken as the session's
-            assert int(cur.query.split(b"= ")[1].split(b";")[0]) > 30000
+            assert int(sent_statement(cur).split(b"= ")[1].split(b";")[0]) > 30000
     finally:
         conn.close()
 
 
+def sent_statement(cur) -> bytes:
+    """The statement psycopg2 last sent, prefix of ours included (``cur.query`` hides it)."""
+    return psycopg2.extensions.cursor.query.__get__(cur)
+
+
 def ours(cur) -> int:
     """The agent's statement_timeout in the prefix of the cursor's last statement."""
-    return int(cur.query.split(b"= ")[1].split(b";")[0])
+    return int(sent_statement(cur).split(b"= ")[1].split(b";")[0])
 
 
 def test_a_timeout_of_ours_from_an_ended_transaction_is_not_taken_for_in_force(pg):
@@ -755,8 +760,8 @@ def test_a_composed_statement_is_cancelled_at_the_deadline(pg, statsd, autocommi
             with agent.deadline(1), pytest.raises(psycopg2.errors.QueryCanceled):
                 cur.execute(query)
             # in the same statement: no extra round trip
-            assert cur.query.startswith(b"SET LOCAL statement_timeout = ")
-            assert cur.query.endswith(b"; SELECT pg_sleep(3)")
+            assert sent_statement(cur).startswith(b"SET LOCAL statement_timeout = ")
+            assert sent_statement(cur).endswith(b"; SELECT pg_sleep(3)")
     finally:
         conn.close()
     sent(statsd, ERRORS)
@@ -990,3 +995,26 @@ def test_uninstall_leaves_connections_working_and_silent(install_agent, postgres
     finally:
         conn.close()
     assert not statsd.wait_for(lambda: bool(statsd.datagrams), 0.3)
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_cursor_query_is_the_statement_as_the_application_sent_it(pg, autocommit):
+    """execute_batch callers (and psycopg2's own tests) read it; our prefix is not theirs."""
+    import psycopg2.extras
+
+    conn = psycopg2.connect(pg)
+    conn.autocommit = autocommit
+    try:
+        with conn.cursor() as cur, agent.deadline(30):
+            cur.execute("select %s", ("x",))
+            assert sent_statement(cur).startswith(
+                b"SET LOCAL statement_timeout = "
+            )  # it was bounded
+            assert cur.query == b"select 'x'"
+            psycopg2.extras.execute_batch(cur, "select %s", [(i,) for i in range(5)])
+            assert cur.query.count(b";") == 4
+        with conn.cursor() as cur:  # an application's own SET LOCAL prefix stays whole
+            cur.execute("SET LOCAL statement_timeout = 5000; select 1")
+            assert cur.query == b"SET LOCAL statement_timeout = 5000; select 1"
+    finally:
+        conn.close()
