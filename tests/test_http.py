@@ -402,6 +402,46 @@ def test_a_far_future_deadline_behaves_as_none(install_agent, http_server):
     assert [r.header("X-Request-Deadline") for r in http_server.requests] == [None, None]
 
 
+def test_after_a_retried_error_a_dropped_response_is_freed_as_without_the_agent(
+    install_agent, http_server
+):
+    """urllib3 keeps the exception it retried in a cycle with the frames above it,
+    ours included: those must not hold the response (and its socket) until a GC."""
+    import gc
+    import weakref
+
+    def alive_after_drop(tag: str) -> dict[str, bool]:
+        session = requests.Session()
+        session.mount("http://", HTTPAdapter(max_retries=Retry(2)))
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port)
+        manager = urllib3.PoolManager(retries=Retry(2))
+        calls = {
+            "pool": lambda: pool.urlopen(
+                "GET", f"/reset-once/p{tag}", retries=Retry(2), preload_content=False
+            ),
+            "manager": lambda: manager.request(
+                "GET", f"{http_server.url}/reset-once/m{tag}", preload_content=False
+            ),
+            "requests": lambda: session.get(f"{http_server.url}/reset-once/r{tag}"),
+        }
+        alive = {}
+        gc.collect()
+        gc.disable()
+        try:
+            for name, call in calls.items():
+                ref = weakref.ref(call())
+                alive[name] = ref() is not None
+        finally:
+            gc.enable()
+        return alive
+
+    without = alive_after_drop("plain")
+    install_agent()
+    assert alive_after_drop("agent") == without
+    assert without["pool"] is False  # so the check above can fail
+    assert len(http_server.requests) == 12  # each was retried once
+
+
 # -- what the application sees -------------------------------------------------
 
 

@@ -68,7 +68,13 @@ def send_wrapper(
     finally:
         outgoing.end(token)
     _finish(call, request, response, None)
-    return response
+    try:
+        return response
+    finally:
+        # A frame of ours can outlive the call: an exception urllib3 caught and
+        # retried keeps the frames above it (ours) in a cycle until a garbage
+        # collection. Without the response, that cycle holds no socket.
+        del response
 
 
 def request_wrapper(

@@ -83,7 +83,13 @@ def urlopen_wrapper(
     finally:
         _end(token)
     _finish(call, response, None)
-    return response
+    try:
+        return response
+    finally:
+        # A frame of ours can outlive the call: an exception urllib3 caught and
+        # retried keeps the frames above it (ours) in a cycle until a garbage
+        # collection. Without the response, that cycle holds no socket.
+        del response
 
 
 def poolmanager_wrapper(
@@ -106,7 +112,13 @@ def poolmanager_wrapper(
     finally:
         _end(token)
     _finish(call, response, None)
-    return response
+    try:
+        return response
+    finally:
+        # A frame of ours can outlive the call: an exception urllib3 caught and
+        # retried keeps the frames above it (ours) in a cycle until a garbage
+        # collection. Without the response, that cycle holds no socket.
+        del response
 
 
 def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> outgoing.Call | None:

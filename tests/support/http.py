@@ -8,6 +8,7 @@ Paths choose behaviour, so one server serves every scenario:
 - ``/flaky/<key>/<n>``: 503 for the first ``n`` requests of ``key``, then 200;
 - ``/redirect/<n>``: redirect ``n`` times, then 200;
 - ``/reset``: close the connection without answering;
+- ``/reset-once/<key>``: that for the first request of ``key``, then 200;
 - anything else: 200 ``ok``.
 
 ``server.routes[path] = Route(...)`` overrides a path with a fixed answer.
@@ -98,6 +99,8 @@ class _Handler(BaseHTTPRequestHandler):
             return Route()
         if kind == "reset":
             return None
+        if kind == "reset-once":  # reset the first request of a key, answer the others
+            return None if self.server.hit(parts[1]) == 1 else Route()
         return Route()
 
 
