@@ -210,8 +210,9 @@ class Pipeline:
                         pass
                 self._cond = threading.Condition(threading.Lock())
                 thread = threading.Thread(target=self._run, name="talisker-metrics", daemon=True)
-                self.thread = thread
                 thread.start()
+                # Published once alive: a flush that sees it may wait for it.
+                self.thread = thread
                 from agent import process
 
                 process.ensure_started()

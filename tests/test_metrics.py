@@ -379,3 +379,39 @@ def test_losses_to_a_closed_udp_port_are_reported_when_it_listens(caplog):
         agent.uninstall()
         if receiver is not None:
             receiver.close()
+
+
+def test_a_flush_while_another_thread_starts_the_pipeline_waits_for_it(
+    install_agent, statsd, monkeypatch
+):
+    """The first metric of a process, recorded in one thread while another flushes.
+
+    The metrics thread was published before it had started, so a flush that came
+    in between saw a thread that was not alive and gave up at once (the 499 WSGI
+    test failed that way in CI: its server thread made the first record).
+    """
+    import threading
+
+    install_agent()
+    starting, release = threading.Event(), threading.Event()
+    real_start = threading.Thread.start
+
+    def slow_start(thread):
+        if thread.name == "talisker-metrics":
+            starting.set()
+            release.wait(10)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    recorder = threading.Thread(target=metrics.count, args=("first", 1))
+    real_start(recorder)
+    assert starting.wait(10)
+    result = []
+    flusher = threading.Thread(target=lambda: result.append(agent.flush(10)))
+    real_start(flusher)
+    flusher.join(0.2)  # the flush is waiting for the thread to start, not given up
+    release.set()
+    flusher.join(10)
+    recorder.join(10)
+    assert result == [True]
+    statsd.wait_for(lambda: statsd.total("talisker.first") == 1, 5)
