@@ -153,7 +153,56 @@ def handle(
         _finish(request)
         _leave(scope_token, request_token)
         raise
+    file_wrapper = environ.get("wsgi.file_wrapper")
+    if file_wrapper is not None and _is_file(body, file_wrapper):
+        # The server's own file wrapper: given back as it is, so the server still
+        # sends it with sendfile(); the request is recorded when the server closes it.
+        try:
+            close = _FileClose(getattr(body, "close", None), request, scope_token, request_token)
+            setattr(body, "close", close)  # noqa: B010 - an attribute Iterable does not declare
+            return body
+        except Exception:  # a wrapper that takes no attribute: iterated through _Body
+            pass
     return _Body(body, request, scope_token, request_token)
+
+
+def _is_file(body: object, file_wrapper: Any) -> bool:
+    try:
+        return isinstance(body, file_wrapper)
+    except TypeError:  # not a class
+        return False
+
+
+class _FileClose:
+    """``close`` of a response in the server's file wrapper: records the request.
+
+    The server sends such a body itself (often with ``sendfile()``), so the agent
+    cannot see whether it was sent whole; it is recorded as complete.
+    """
+
+    __slots__ = ("_close", "_request", "_tokens")
+
+    def __init__(
+        self,
+        close: Callable[[], Any] | None,
+        request: Request,
+        scope_token: Any,
+        request_token: Any,
+    ) -> None:
+        self._close = close
+        self._request = request
+        self._tokens: tuple[Any, ...] | None = (scope_token, request_token)
+
+    def __call__(self) -> None:
+        try:
+            if self._close is not None:
+                self._close()
+        finally:
+            self._request.complete = True
+            _finish(self._request)
+            tokens, self._tokens = self._tokens, None
+            if tokens is not None:
+                _leave(*tokens)
 
 
 class _Body:

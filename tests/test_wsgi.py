@@ -420,6 +420,49 @@ def test_closing_a_response_twice_is_harmless(install_agent, statsd):
     assert statsd.total("talisker.wsgi.requests") == 1
 
 
+@pytest.mark.parametrize("framework", ["wsgi", "flask"])
+def test_a_file_response_reaches_the_server_in_its_own_file_wrapper(
+    install_agent, statsd, monkeypatch, tmp_path, framework
+):
+    """The server sends a wsgi.file_wrapper body with sendfile(): it must still get one."""
+    import wsgiref.simple_server
+
+    install_agent()
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"f" * 100_000)
+    used_sendfile = []
+
+    def sendfile(handler):  # what a server with sendfile() does, through the same check
+        used_sendfile.append(handler.result_is_file())
+        handler.send_headers()
+        with open(path, "rb") as f:
+            handler._write(f.read())
+        return True
+
+    monkeypatch.setattr(wsgiref.simple_server.ServerHandler, "sendfile", sendfile)
+    if framework == "flask":
+        app = flask.Flask("files")
+
+        @app.route("/file")
+        def download():
+            return flask.send_file(path)
+    else:
+
+        def app(environ, start_response):
+            start_response("200 OK", [("X-View-Name", "download")])
+            return environ["wsgi.file_wrapper"](open(path, "rb"))
+
+        app = TaliskerMiddleware(app)
+    with serve(app) as url:
+        response = requests.get(url + "/file", headers={"X-Request-Id": "file-1"})
+    assert response.content == path.read_bytes()
+    assert response.headers["X-Request-Id"] == "file-1"
+    assert used_sendfile == [True]
+    sent(statsd)
+    assert statsd.total("talisker.wsgi.requests", view="download", status="200") == 1
+    assert context.current().request_id is None
+
+
 def test_a_client_that_goes_away_is_recorded_as_499_not_an_error(install_agent, statsd):
     """nginx's convention (and aio-request's): the response was never delivered."""
     install_agent()
