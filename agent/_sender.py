@@ -137,6 +137,8 @@ class Sender:
                 chunk = samples[i : i + SAMPLES_PER_LINE]
                 try:
                     text = ":".join(["%.3f" % v for v in chunk])  # noqa: UP031 - fastest
+                    if "n" in text:  # nan or inf: no digit, "-", "." or ":" has an n
+                        raise ValueError
                 except Exception:
                     text = self._good_samples(name, chunk)
                     if not text:
@@ -153,13 +155,17 @@ class Sender:
         good = []
         for v in chunk:
             try:
-                good.append("%.3f" % float(v))  # noqa: UP031
+                good.append(_number_text(v))
             except Exception:
                 self._bad_value(name, v)
         return ":".join(good)
 
     def _bad_value(self, name: str, value: object) -> None:
-        self.losses.bad_record(name, f"a value of type {type(value).__name__}")
+        what = type(value).__name__
+        if what == "float":
+            self.losses.bad_record(name, f"a value that is not a finite number ({value!r})")
+        else:
+            self.losses.bad_record(name, f"a value of type {what}")
 
     # -- sending ----------------------------------------------------------------------
 
@@ -434,4 +440,13 @@ def _describe(exc: OSError) -> str:
 
 def _number(value: float) -> str:
     number = float(value)
+    if number - number != 0:  # nan or inf: DogStatsD would sum or average it into every series
+        raise ValueError(value)
     return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _number_text(value: float) -> str:
+    number = float(value)
+    if number - number != 0:
+        raise ValueError(value)
+    return "%.3f" % number  # noqa: UP031

@@ -281,6 +281,24 @@ def test_a_bad_record_is_dropped_and_counted_and_its_flush_is_sent(
     assert "'bad.count'" in warning and "str" in warning and "bad_record" in warning
 
 
+def test_a_value_that_is_not_finite_is_dropped_and_counted(install_agent, statsd, caplog):
+    """DogStatsD parses nan and inf, then sums or averages them into the whole series."""
+    install_agent()
+    metrics.count("bad.count", float("inf"))
+    metrics.gauge("bad.gauge", float("-inf"))
+    metrics.timing("mixed.latency", float("nan"))
+    metrics.timing("mixed.latency", 5)
+    metrics.count("good.count", 1)
+    assert agent.flush(5)
+    statsd.wait_for(lambda: statsd.total(DROPPED) >= 3, 10)
+    assert statsd.samples("talisker.mixed.latency") == [5.0]
+    assert statsd.total("talisker.good.count") == 1
+    assert not statsd.find("talisker.bad.count") and not statsd.find("talisker.bad.gauge")
+    assert statsd.total(DROPPED, reason="bad_record") == 3
+    (warning,) = agent_warnings(caplog)
+    assert "not a finite number" in warning
+
+
 def _expand_strictly(payloads):
     return [(metrics.COUNT, "expanded.count", 10 // payload, ()) for payload in payloads]
 

@@ -75,9 +75,12 @@ def parse_line(line: str) -> Metric:
     values = []
     for raw in raw_values.split(":"):
         try:
-            values.append(float(raw))
+            value = float(raw)
         except ValueError:
             raise DatagramError(f"illegal value {raw!r} in {line!r}") from None
+        if value - value != 0:  # nan, inf: parsed, then summed into every series
+            raise DatagramError(f"a value that is not finite {raw!r} in {line!r}")
+        values.append(value)
     if len(values) > 1 and type_ not in MULTI_VALUE_TYPES:
         raise DatagramError(f"several values for type {type_!r}: {line!r}")
     tags: list[str] = []
