@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
     from agent import wsgi as wsgi
     from agent.config import Config
+    from agent.metrics.timed import timed
     from agent.naming import register_endpoint_name
     from agent.sessions import get_session
-    from agent.timing import timed
     from agent.wsgi import request_timeout
 
 __all__ = [
@@ -54,7 +54,9 @@ def install(config: Config | None = None) -> bool:
     active. Never raises: a failure is logged once.
     """
     try:
-        from agent import _log, metrics, naming, process, registry
+        import sys
+
+        from agent import _log, metrics, registry
         from agent import config as config_module
 
         cfg = config if config is not None else config_module.load()
@@ -65,9 +67,10 @@ def install(config: Config | None = None) -> bool:
                 registry.install(cfg)  # only what keeps code written against the API working
                 return False
             config_module.current = cfg
-            naming.reset()
+            naming = sys.modules.get("agent.naming")  # not loaded: nothing cached to forget
+            if naming is not None:
+                naming.reset()
             metrics.configure(cfg)
-            process.configure(cfg.runtime_metrics_interval if cfg.metrics_enabled else 0)
             registry.install(cfg)
         return True
     except Exception:
@@ -94,11 +97,10 @@ def uninstall() -> None:
 
 def _uninstall_locked() -> None:
     from agent import config as config_module
-    from agent import metrics, process, registry
+    from agent import metrics, registry
 
     registry.uninstall()
     metrics.configure(None)
-    process.configure(0)
     config_module.current = None
 
 
@@ -117,7 +119,7 @@ _LAZY = {
     "get_session": ("agent.sessions", "get_session"),
     "register_endpoint_name": ("agent.naming", "register_endpoint_name"),
     "request_timeout": ("agent.wsgi", "request_timeout"),
-    "timed": ("agent.timing", "timed"),
+    "timed": ("agent.metrics.timed", "timed"),
     "wsgi": ("agent.wsgi", None),
 }
 

@@ -29,16 +29,24 @@ _handler: logging.Handler | None = None  # ours, when the application configured
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+#: The levels ``TALISKER_LOG_LEVEL`` takes.
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def level_name(raw: str) -> str | None:
+    """``raw`` as one of :data:`LEVELS` (``warn`` is ``WARNING``), or None."""
+    value = raw.strip().upper()
+    if value == "WARN":
+        value = "WARNING"
+    return value if value in LEVELS else None
+
+
 def _configured_level() -> str:
     global _level
     if _level is None:
-        from agent.config import InvalidValue, parse_log_level
-
-        try:
-            # Read here, not from a loaded Config: loading one may need this logger.
-            _level = parse_log_level(os.environ.get("TALISKER_LOG_LEVEL", "WARNING"))
-        except InvalidValue:
-            _level = "WARNING"  # load() names the bad value in its own warning
+        # Read here, not from a loaded Config: loading one may need this logger.
+        # A bad value is WARNING here; load() names it in its own warning.
+        _level = level_name(os.environ.get("TALISKER_LOG_LEVEL", "WARNING")) or "WARNING"
     return _level
 
 

@@ -117,7 +117,7 @@ def _run_printing_metrics(args: list[str], env: dict[str, str], cfg: config.Conf
     import subprocess
 
     from agent._receiver import WIDTH, Collector
-    from agent.metrics import constant_tags
+    from agent.metrics.tags import constant_tags
 
     collector = Collector()
     env["DD_DOGSTATSD_URL"] = collector.url

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import os
 
+from agent import _log
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 
 if TYPE_CHECKING:
@@ -32,9 +34,6 @@ __all__ = [
 
 #: Instrumentations the agent knows, in the order they are documented.
 INSTRUMENTATIONS = ("urllib3", "requests", "psycopg2", "flask")
-
-#: Tag keys Datadog gives a meaning of its own; see :mod:`agent.metrics`.
-RESERVED_TAG_KEYS = frozenset({"host", "device", "source", "service"})
 
 
 class ConfigError(ValueError):
@@ -268,16 +267,11 @@ def parse_header_name(raw: str) -> str:
     return value
 
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
 def parse_log_level(raw: str) -> str:
     """One of DEBUG, INFO, WARNING, ERROR, CRITICAL."""
-    value = raw.strip().upper()
-    if value == "WARN":
-        value = "WARNING"
-    if value not in _LOG_LEVELS:
-        raise InvalidValue("one of " + ", ".join(_LOG_LEVELS))
+    value = _log.level_name(raw)
+    if value is None:
+        raise InvalidValue("one of " + ", ".join(_log.LEVELS))
     return value
 
 
@@ -687,10 +681,8 @@ def load(environ: Mapping[str, str] | None = None, strict: bool = False) -> Conf
     if strict and errors:
         raise ConfigError(errors)
     if warnings:
-        from agent._log import logger
-
         for message in warnings:
-            logger().warning("%s", message)
+            _log.logger().warning("%s", message)
     return Config(values, sources)
 
 

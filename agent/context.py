@@ -17,6 +17,8 @@ import os
 import time
 from contextvars import ContextVar
 
+from agent import _fork
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 
 if TYPE_CHECKING:
@@ -164,8 +166,7 @@ def _reseed_after_fork() -> None:
     _generator = None
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reseed_after_fork)
+_fork.after_in_child(_fork.RESET, _reseed_after_fork)
 
 
 def earliest(a: Deadline | None, b: Deadline | None) -> Deadline | None:

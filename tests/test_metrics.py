@@ -316,7 +316,9 @@ def test_a_failing_expansion_loses_only_its_bad_payloads(install_agent, statsd):
 
 
 def test_records_past_the_queue_limit_are_counted(install_agent, statsd, monkeypatch, caplog):
-    monkeypatch.setattr(metrics, "QUEUE_LIMIT", 1000)
+    from agent.metrics import worker
+
+    monkeypatch.setattr(worker, "QUEUE_LIMIT", 1000)
     install_agent(TALISKER_METRICS_FLUSH_INTERVAL="60")  # only the explicit flush drains
     for _ in range(1500):
         metrics.count("queued.count", 1)

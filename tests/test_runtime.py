@@ -111,15 +111,16 @@ def test_a_forked_childs_reporter_is_a_live_thread_it_can_stop():
     # started by a hook that ran before it was marked stopped while it ran.
     code = """
         import os, agent
-        from agent import metrics, process
+        from agent import metrics
         agent.install()
-        metrics.count("start", 1)  # the agent imports threading and starts the reporter
+        metrics.count("start", 1)  # the agent imports threading and starts its thread
         pid = os.fork()
         if pid == 0:
             import threading
-            alive = process._thread is not None and process._thread.is_alive()
-            known = process._thread in threading.enumerate()
-            agent.uninstall()  # stops the reporter: its thread ends
+            thread = metrics.active_thread()  # started by the fork hook, for the CPU metrics
+            alive = thread is not None and thread.is_alive()
+            known = thread in threading.enumerate()
+            agent.uninstall()  # stops the metrics thread: it ends
             os._exit(0 if alive and known else 1)
         _, status = os.waitpid(pid, 0)
         print(os.waitstatus_to_exitcode(status))
@@ -135,14 +136,19 @@ import threading, time, agent
 from agent import metrics
 agent.install()
 metrics.count("x")
+time.sleep(0.5)
 agent.flush(3)
 print(sorted(t.name for t in threading.enumerate() if t.name.startswith("talisker")))
 """
 
 
-def test_runtime_metrics_can_be_turned_off(statsd):
+def test_runtime_metrics_can_be_turned_off_and_need_no_thread_of_their_own(statsd):
     off = run_python(RUNTIME_THREADS, {**statsd.env, "TALISKER_RUNTIME_METRICS_INTERVAL": "0"})
     assert off.returncode == 0, off.stderr
-    assert off.stdout.strip() == "['talisker-metrics']"  # no CPU reporter
-    on = run_python(RUNTIME_THREADS, {**statsd.env, "TALISKER_RUNTIME_METRICS_INTERVAL": "5"})
-    assert on.stdout.strip() == "['talisker-cpu', 'talisker-metrics']"  # the control
+    assert off.stdout.strip() == "['talisker-metrics']"
+    statsd.wait_for(lambda: statsd.total("talisker.x") == 1)
+    assert not statsd.find("talisker.process.cpu.user")
+    on = run_python(RUNTIME_THREADS, {**statsd.env, "TALISKER_RUNTIME_METRICS_INTERVAL": "0.1"})
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.strip() == "['talisker-metrics']"  # polled by the metrics thread
+    statsd.wait_for(lambda: statsd.find("talisker.process.cpu.user"))  # the control

@@ -23,7 +23,7 @@ little-endian 32-bit length). ``DD_ENTITY_ID`` becomes the constant tag
 - A full socket buffer (a unix socket whose reader stopped) is waited for at
   most :data:`SOCKET_FULL_WAIT` per flush, then the rest of the flush is dropped.
 - Every line that cannot be delivered is counted in the pipeline's
-  :class:`agent.metrics.Losses` by reason (``unresolved``, ``socket_full``,
+  :class:`agent.metrics.worker.Losses` by reason (``unresolved``, ``socket_full``,
   ``send_failed``); after each flush the pending counts are sent as
   ``agent.dropped`` in a datagram of their own and kept until one is delivered.
 """
@@ -36,7 +36,8 @@ import os
 import time
 
 from agent import _log
-from agent.metrics import constant_tags, sanitize_tag_value
+from agent.metrics.origin import origin_fields
+from agent.metrics.tags import constant_tags, sanitize_tag_value
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from agent.config import Config, Destination
-    from agent.metrics import Losses
+    from agent.metrics.worker import Losses
 
     Context = tuple[str, tuple[str, ...]]
 
@@ -65,7 +66,6 @@ DROPPED_METRIC = "agent.dropped"
 DELIVERY_REASONS = ("unresolved", "socket_full", "send_failed")
 
 _FULL_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
-_FALSE = frozenset({"no", "false", "0", "n", "off"})
 
 
 class Batch:
@@ -100,14 +100,7 @@ class Sender:
         if entity_id:
             tags.append(f"dd.internal.entity_id:{sanitize_tag_value(entity_id)}")
         self.constant_tags = ",".join(tags)
-        origin = ""
-        if environ.get("DD_ORIGIN_DETECTION_ENABLED", "").lower() not in _FALSE:
-            container = container_id()
-            if container:
-                origin += "|c:" + container
-        if environ.get("DD_EXTERNAL_ENV"):
-            origin += "|e:" + environ["DD_EXTERNAL_ENV"]
-        self.origin = origin
+        self.origin = origin_fields(environ)
         self.enabled = environ.get("DD_DOGSTATSD_DISABLE") not in {"True", "true", "yes", "1"}
         self.stream = False
         self.udp = self.destination.scheme == "udp"
@@ -375,55 +368,6 @@ def resolve(host: str, port: int) -> tuple[int, Any]:
     infos.sort(key=lambda info: info[0] != _socket.AF_INET)
     family, _, _, _, address = infos[0]
     return family, address
-
-
-def container_id() -> str | None:
-    """The container id the datadog client sends in ``|c:``, from cgroups (None outside one).
-
-    The same lookup as ``datadog.dogstatsd.container.Cgroup``: in the host cgroup
-    namespace, the id in ``/proc/self/cgroup``'s paths (``ci-<id>``); otherwise
-    the inode of the process's cgroup directory (``in-<inode>``).
-    """
-    try:
-        namespace = "/proc/self/ns/cgroup"
-        if os.path.exists(namespace) and os.stat(namespace).st_ino == 0xEFFFFFFB:
-            return _container_from_paths()
-        return _container_from_inode()
-    except Exception:
-        return None
-
-
-def _container_from_paths() -> str | None:
-    import re  # imported before the metrics thread starts: see Pipeline.start
-
-    uuid = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
-    pattern = re.compile(rf"(?:.+)?({uuid}|[0-9a-f]{{64}}|[0-9a-f]{{32}}-\d+)(?:\.scope)?$")
-    line_pattern = re.compile(r"^(\d+):([^:]*):(.+)$")
-    with open("/proc/self/cgroup") as lines:
-        for line in lines:
-            match = line_pattern.match(line.strip())
-            if match:
-                found = pattern.match(match.group(3).split("/")[-1])
-                if found:
-                    return "ci-" + found.group(1)
-    return None
-
-
-def _container_from_inode() -> str | None:
-    paths = {}
-    with open("/proc/self/cgroup") as lines:
-        for line in lines:
-            tokens = line.strip().split(":")
-            if len(tokens) == 3 and tokens[1] in ("memory", ""):
-                paths[tokens[1]] = tokens[2]
-    for controller in ("memory", ""):
-        if controller in paths:
-            node = paths[controller] if paths[controller] != "/" else ""
-            # os.path.join as the datadog client calls it (an absolute node replaces the base).
-            inode = os.stat(os.path.join("/sys/fs/cgroup", controller, node)).st_ino
-            if inode > 2:
-                return f"in-{inode}"
-    return None
 
 
 def _grow_send_buffer(sock: _socket.socket) -> None:
