@@ -12,6 +12,8 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from typing import TextIO
 
+    from agent.metrics.destination import Destination
+
 USAGE = """\
 usage: talisker-run [--check] [--print-metrics] CMD [ARGS...]
 
@@ -185,7 +187,7 @@ def _instrumentation_state(cfg: config.Config, name: str) -> str:
     return f"active when imported ({name} {target_version(name)})"
 
 
-def _destination_state(dest: config.Destination) -> str:
+def _destination_state(dest: Destination) -> str:
     import socket
 
     if dest.scheme == "udp":

@@ -17,54 +17,16 @@ from _thread import RLock
 
 from agent import _log
 from agent._importhook import PostImportFinder
+from agent.instrumentation import API_TARGETS, TARGETS, Patch
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from types import ModuleType
     from typing import Any
 
     from agent.config import Config
 
-    Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
-
 __all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "uninstall"]
-
-#: instrumentation name -> the modules whose import triggers it. Kept here, not
-#: read from the instrumentation modules, so that watching costs no import;
-#: tests check it against each module's ``PATCHES``.
-TARGETS: dict[str, tuple[str, ...]] = {
-    "urllib3": ("urllib3.connectionpool", "urllib3.poolmanager"),
-    "requests": ("requests.sessions",),
-    "psycopg2": ("psycopg2",),
-    "flask": ("flask.app",),
-}
-
-#: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when
-#: the instrumentation itself is off (``TALISKER_ENABLED=false`` or listed in
-#: ``TALISKER_DISABLED_INSTRUMENTATIONS``): an application written against the
-#: agent's documented API (requests' ``metric_api_name=``) must keep working
-#: when an operator turns the agent off.
-API_TARGETS: dict[str, tuple[str, ...]] = {
-    "requests": ("requests.sessions",),
-}
-
-
-class Patch:
-    """One thing an instrumentation wraps: ``module``, a dotted ``path`` in it, the wrapper.
-
-    The wrapper has wrapt's signature ``(wrapped, instance, args, kwargs)``.
-    """
-
-    __slots__ = ("module", "path", "wrapper")
-
-    def __init__(self, module: str, path: str, wrapper: Wrapper) -> None:
-        self.module = module
-        self.path = path
-        self.wrapper = wrapper
-
-    def __repr__(self) -> str:
-        return f"Patch({self.module}:{self.path})"
 
 
 class _Applied:

@@ -199,7 +199,7 @@ def test_a_failing_patch_is_logged_once_and_the_others_go_in():
             """
             import agent
             import urllib3
-            from agent.registry import Patch
+            from agent.instrumentation import Patch
             import agent.instrumentation.urllib3 as inst
             point = "HTTPConnectionPool.no_such_method"
             bad = Patch("urllib3.connectionpool", point, inst.urlopen_wrapper)

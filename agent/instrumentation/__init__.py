@@ -1,1 +1,62 @@
-"""One module per instrumented library; each declares its ``PATCHES`` for the registry."""
+"""The instrumentations: the one list of what the agent can instrument.
+
+Each instrumentation is a module of this package named after its library
+(``agent/instrumentation/<name>.py``) that declares what it wraps (``PATCHES``,
+a tuple of :class:`Patch`), the versions of its library it supports
+(``SUPPORTED``, checked when it installs and shown by ``talisker-run --check``)
+and, if it has any, the ``API_PATCHES`` that stay in when it is turned off.
+
+:data:`TARGETS` is the list of instrumentations and the modules whose import
+puts each in. It is kept here, not read from the modules, so that watching for
+the targets costs no import; a test checks it against each module's patches.
+Adding a target is adding its module and one line here.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+
+__all__ = ["API_TARGETS", "NAMES", "TARGETS", "Patch"]
+
+#: instrumentation name -> the modules whose import triggers it, in the order
+#: they are documented.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "urllib3": ("urllib3.connectionpool", "urllib3.poolmanager"),
+    "requests": ("requests.sessions",),
+    "psycopg2": ("psycopg2",),
+    "flask": ("flask.app",),
+}
+
+#: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when
+#: the instrumentation itself is off (``TALISKER_ENABLED=false`` or listed in
+#: ``TALISKER_DISABLED_INSTRUMENTATIONS``): an application written against the
+#: agent's documented API (requests' ``metric_api_name=``) must keep working
+#: when an operator turns the agent off.
+API_TARGETS: dict[str, tuple[str, ...]] = {
+    "requests": ("requests.sessions",),
+}
+
+#: The instrumentations' names, as ``TALISKER_DISABLED_INSTRUMENTATIONS`` takes them.
+NAMES: tuple[str, ...] = tuple(TARGETS)
+
+
+class Patch:
+    """One thing an instrumentation wraps: ``module``, a dotted ``path`` in it, the wrapper.
+
+    The wrapper has wrapt's signature ``(wrapped, instance, args, kwargs)``.
+    """
+
+    __slots__ = ("module", "path", "wrapper")
+
+    def __init__(self, module: str, path: str, wrapper: Wrapper) -> None:
+        self.module = module
+        self.path = path
+        self.wrapper = wrapper
+
+    def __repr__(self) -> str:
+        return f"Patch({self.module}:{self.path})"

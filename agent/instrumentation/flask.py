@@ -11,7 +11,7 @@ Loaded by the registry when ``flask.app`` is imported.
 from __future__ import annotations
 
 from agent import wsgi
-from agent.registry import Patch
+from agent.instrumentation import Patch
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from psycopg2 import extensions
 
 from agent import _log, config, context, metrics, naming, sql
 from agent.context import DeadlineExceeded
-from agent.registry import Patch
+from agent.instrumentation import Patch
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 from urllib3.util.timeout import Timeout
 
 from agent import _log, config, context, naming, outgoing
-from agent.registry import Patch
+from agent.instrumentation import Patch
 
 try:  # 1.26 and 2.x both have it; the import keeps working if it moves
     from urllib3._collections import HTTPHeaderDict as _HeaderDict
