@@ -186,9 +186,21 @@ def deadline_timeout() -> float | None:
     d = _scope.get().deadline
     if d is None:
         return None
-    left = d.expires - _monotonic()
+    return time_left(d)
+
+
+def time_left(
+    deadline: Deadline, error: type[DeadlineExceeded] = DeadlineExceeded, what: str = ""
+) -> float:
+    """Seconds left before ``deadline``; once it has passed, raises ``error``.
+
+    The one deadline check of the agent: ``error`` is the caller's flavour of
+    :class:`DeadlineExceeded` (also the library's own timeout exception), ``what``
+    ends its message (``"; request not sent"``).
+    """
+    left = deadline.expires - _monotonic()
     if left <= 0:
-        raise DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago")
+        raise error(f"deadline exceeded {-left:.3f}s ago{what}")
     return left
 
 

@@ -22,18 +22,19 @@ reach the next.
 
 from __future__ import annotations
 
-import math
 import sys
-import time
-from contextvars import ContextVar
 
-from agent import _log, config, context, metrics
-from agent.context import Deadline, Scope
+from agent import _log, config, context
+from agent.http import server
+from agent.http.server import Request
+from agent.propagation import VIEW_HEADER, parse_deadline
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
     from typing import Any, TypeVar
+
+    from agent.context import Scope
 
     F = TypeVar("F", bound=Callable[..., Any])
     StartResponse = Callable[..., Any]
@@ -41,44 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TaliskerMiddleware", "current_request", "parse_deadline", "request_timeout"]
 
-MAX_ID_LENGTH = 200
-#: The status recorded for a response whose client went away before it was sent.
-CLIENT_CLOSED_REQUEST = 499
-VIEW_HEADER = "X-View-Name"
-_perf_counter = time.perf_counter
-_thread_time = time.thread_time
-
-
-class Request:
-    """What the agent knows about the incoming request being served."""
-
-    __slots__ = (
-        "complete",
-        "cpu",
-        "error",
-        "finished",
-        "method",
-        "request_id",
-        "soft_timeout",
-        "start",
-        "status",
-        "view",
-    )
-
-    def __init__(self, request_id: str, method: str, soft_timeout: float | None) -> None:
-        self.request_id = request_id
-        self.method = method
-        self.soft_timeout = soft_timeout
-        self.view: str | None = None
-        self.status: int | None = None
-        self.error: BaseException | None = None
-        self.complete = False  # the server read the whole body
-        self.finished = False
-        self.start = _perf_counter()
-        self.cpu = _thread_time()
-
-
-_request: ContextVar[Request | None] = ContextVar("talisker_wsgi_request", default=None)
+_finish = server.finish
+_request = server.current
 #: The incoming request being served in this context, or ``None``.
 current_request = _request.get
 
@@ -274,43 +239,18 @@ _keys = _Keys(None)
 
 
 def _begin(environ: dict[str, Any], cfg: config.Config, keys: _Keys) -> tuple[Request, Scope]:
-    incoming = environ.get(keys.id_environ)
-    request_id = context.new_request_id()
-    if incoming is not None:
-        if _sane_id(incoming):
-            request_id = f"{request_id}-{incoming}" if cfg.compose_request_id else incoming
-        else:
-            _log.debug("agent: ignoring an unusable incoming request id")
-    deadline = None
-    if cfg.request_timeout is not None:
-        deadline = Deadline.after(cfg.request_timeout)
-    header = environ.get(keys.deadline_environ)
-    if header is not None:
-        wall = parse_deadline(header)
-        if wall is None:
-            _log.debug("agent: ignoring an unparsable %s header", cfg.deadline_header)
-        else:
-            incoming = Deadline.at_wall_time(wall)
-            if incoming is None:
-                _log.debug("agent: ignoring a %s beyond a day away", cfg.deadline_header)
-            deadline = context.earliest(deadline, incoming)
-    relative = environ.get("HTTP_X_REQUEST_TIMEOUT")
-    if relative is not None:
-        seconds = _parse_seconds(relative)
-        if seconds is None:
-            _log.debug("agent: ignoring an unparsable X-Request-Timeout header")
-        else:
-            incoming = Deadline.after(seconds)
-            if incoming is None:
-                _log.debug("agent: ignoring an X-Request-Timeout beyond a day")
-            deadline = context.earliest(deadline, incoming)
-    method = str(environ.get("REQUEST_METHOD", "GET"))
-    request = Request(request_id, method, cfg.soft_request_timeout)
+    request, scope = server.begin(
+        cfg,
+        str(environ.get("REQUEST_METHOD", "GET")),
+        environ.get(keys.id_environ),
+        environ.get(keys.deadline_environ),
+        environ.get("HTTP_X_REQUEST_TIMEOUT"),
+    )
     environ["talisker.request"] = request
-    environ["REQUEST_ID"] = request_id  # talisker's name for it
+    environ["REQUEST_ID"] = request.request_id  # talisker's name for it
     if _has_requests or _requests_installed():  # talisker's convention
         environ["requests"] = _get_session()
-    return request, Scope(request_id, deadline)
+    return request, scope
 
 
 _has_requests: bool | None = None
@@ -339,111 +279,6 @@ def _get_session() -> Any:  # replaced by agent.sessions.get_session once reques
 def _environ_key(header: str) -> str:
     """The WSGI environ key of a request header (``X-Request-Id`` -> ``HTTP_X_REQUEST_ID``)."""
     return "HTTP_" + header.upper().replace("-", "_")
-
-
-def _sane_id(value: str) -> bool:
-    """Printable ASCII without spaces or control characters, at most 200 characters."""
-    return 0 < len(value) <= MAX_ID_LENGTH and all("!" <= c <= "~" for c in value)
-
-
-def _parse_seconds(value: str) -> float | None:
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return seconds if 0 < seconds < math.inf else None
-
-
-_DEADLINE_RE: Any = None
-
-
-def parse_deadline(value: str) -> float | None:
-    """An ISO 8601 time with a zone (``Z`` or ``±HH:MM``) in seconds since the epoch.
-
-    Fractional seconds are optional. Anything else, including a time without a
-    zone, gives ``None``.
-    """
-    global _DEADLINE_RE
-    if _DEADLINE_RE is None:
-        import re
-
-        _DEADLINE_RE = re.compile(
-            r"(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d{1,9})?"
-            r"(?:([Zz])|([+-])(\d\d):?(\d\d))"
-        )
-    match = _DEADLINE_RE.fullmatch(value.strip())
-    if match is None:
-        return None
-    import calendar
-
-    year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    try:
-        epoch: float = calendar.timegm(
-            (int(year), int(month), int(day), int(hour), int(minute), int(second), 0, 0, 0)
-        )
-        if not (1 <= int(month) <= 12 and 1 <= int(day) <= 31 and int(hour) < 24):
-            return None
-    except (ValueError, OverflowError):
-        return None
-    if fraction:
-        epoch += float(fraction)
-    if not zulu:
-        offset = int(off_h) * 3600 + int(off_m) * 60
-        epoch += -offset if sign == "+" else offset
-    return float(epoch)
-
-
-def _finish(request: Request) -> None:
-    """Record the request once it is complete."""
-    if request.finished:
-        return
-    request.finished = True
-    try:
-        cpu_ms = (_thread_time() - request.cpu) * 1000.0
-        latency_ms = (_perf_counter() - request.start) * 1000.0
-        status = request.status if request.status is not None else 500
-        if request.error is None and not request.complete and request.status is not None:
-            # Closed before the body was read to its end: the client went away.
-            # nginx's 499 (and aio-request's), not an error of the application.
-            status = CLIENT_CLOSED_REQUEST
-        error = request.error is not None or status >= 500
-        view = request.view or "unknown"
-        metrics.record_deferred(_expand, (view, request.method, status, latency_ms, cpu_ms, error))
-        soft = request.soft_timeout
-        if soft is not None and latency_ms > soft * 1000.0:
-            metrics.count("wsgi.soft_timeouts", 1, (("view", view), ("method", request.method)))
-            _log.logger().warning(
-                "agent: request %s to %s took %.0f ms, over its soft timeout of %.0f ms",
-                request.request_id,
-                view,
-                latency_ms,
-                soft * 1000.0,
-            )
-    except Exception:
-        _log.log_once("wsgi-record", "agent: recording a WSGI request failed", exc_info=True)
-
-
-def _expand(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
-    """``wsgi.*`` metrics of a flush (runs in the metrics thread)."""
-    groups: dict[tuple[Any, ...], tuple[list[float], list[float], list[int]]] = {}
-    for view, method, status, latency_ms, cpu_ms, error in payloads:
-        key = (view, method, status)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = ([], [], [0])
-        group[0].append(latency_ms)
-        group[1].append(cpu_ms)
-        if error:
-            group[2][0] += 1
-    records: list[tuple[int, str, Any, Any]] = []
-    for (view, method, status), (latencies, cpus, errors) in groups.items():
-        tags = (("view", view), ("method", method), ("status", status))
-        records.append((metrics.COUNT, "wsgi.requests", len(latencies), tags))
-        records.append((metrics.TIMING, "wsgi.latency", latencies, tags))
-        records.append((metrics.TIMING, "wsgi.cpu", cpus, tags))
-        if errors[0]:
-            records.append((metrics.COUNT, "wsgi.errors", errors[0], tags))
-    return records
 
 
 def request_timeout(timeout_ms: float | None = None, soft_timeout_ms: float | None = None) -> Any:

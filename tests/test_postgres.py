@@ -331,7 +331,7 @@ def test_what_cannot_take_a_prefix_is_bounded_in_autocommit_too(pg, statsd, run)
     ],
 )
 def test_what_must_run_outside_a_transaction_block_is_recognised(query, expected):
-    from agent import sql
+    from agent.sql import record as sql
 
     op = sql.operation(query)
     assert sql.outside_transaction_only(op, query) is expected

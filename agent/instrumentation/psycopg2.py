@@ -22,14 +22,25 @@ Loaded by the registry when ``psycopg2`` is imported.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 from psycopg2 import extensions
 
-from agent import _log, config, context, metrics, naming, sql
+from agent import _log, config, context, metrics, naming
 from agent.context import DeadlineExceeded
 from agent.instrumentation import Patch
+from agent.sql import postgres, record
+from agent.sql.postgres import (
+    NO_EFFECT,
+    State,
+    after,
+    agent_error,
+    effect_of,
+    plan,
+    prefixed,
+    restore_session,
+    unbind,
+)
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -38,63 +49,23 @@ if TYPE_CHECKING:
 
 _BaseConnection = extensions.connection
 _BaseCursor = extensions.cursor
-_IDLE = extensions.TRANSACTION_STATUS_IDLE
-_INTRANS = extensions.TRANSACTION_STATUS_INTRANS
-_INERROR = extensions.TRANSACTION_STATUS_INERROR
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
 _current_scope = context.current
-_operation = sql.operation
-_finish = sql.finish
-_expand = sql.expand_queries
+_operation = record.operation
+_finish = record.finish
+_expand = record.expand_queries
 _record_deferred = metrics.record_deferred
-_NOT_PREFIXABLE = sql.NOT_PREFIXABLE
+_NOT_PREFIXABLE = record.NOT_PREFIXABLE
 #: Operations the inline path leaves to _bounded: no prefix, or a prefix only sometimes.
-_NOT_INLINE = _NOT_PREFIXABLE | sql.OUTSIDE_BLOCK_OPS
-_outside_transaction_only = sql.outside_transaction_only
-#: Statements that, in autocommit, get the deadline as a session-level timeout
-#: for their duration (two extra round trips): they cannot take a prefix and may
-#: run long. Others that cannot (SHOW, LISTEN, LOCK...) only get the check.
-_SESSION_BOUND_OPS = frozenset(
-    {"vacuum", "reindex", "cluster", "copy", "declare", "call", "do", "create", "drop", "alter"}
-)
-#: What a statement may do to the application's own statement_timeout (see _effect).
-_NO_EFFECT, _MAY_ROLL_BACK, _MAY_SET = 0, 1, 2
-_reset_words: Any = None
-_rollback_words: Any = None
+_NOT_INLINE = _NOT_PREFIXABLE | record.OUTSIDE_BLOCK_OPS
+_outside_transaction_only = record.outside_transaction_only
 #: The operation of query strings seen before that have no effect on statement_timeout:
 #: the inline path's cache. Any other statement takes the slower _run_uncommon.
 _plain_ops: dict[str, str] = {}
 _plain_operation = _plain_ops.get
 _PLAIN_LIMIT = 2048
 _ceil = math.ceil
-# libpq treats connect_timeout=1 as 2 seconds: ask for what it will do.
-_MIN_CONNECT_TIMEOUT = 2
-
-
-class _State:
-    """What the agent keeps per connection.
-
-    The application's own ``statement_timeout`` is known as ``session_ms`` (its
-    session's value, good for later transactions too, as long as it runs nothing
-    that may change it) or, once it changed it inside the open transaction, as
-    ``txn_ms`` (read in that transaction, good until it ends; kept only while a
-    SET LOCAL of ours is noted, so that the agent sees where the transaction
-    ends: statements without a deadline are looked at only then). ``ours_ms`` is the
-    value of a ``SET LOCAL`` of the agent's that may be in force in the open
-    transaction, ``under_ms`` the application's value beneath it: ``SHOW`` gives
-    ours while it is in force.
-    """
-
-    __slots__ = ("db", "ours_ms", "peer", "session_ms", "txn_ms", "under_ms")
-
-    def __init__(self, peer: str, db: str) -> None:
-        self.peer = peer
-        self.db = db
-        self.session_ms: int | None = None
-        self.txn_ms: int | None = None
-        self.ours_ms = 0  # never 0 when set: statement_timeout 0 is not sent
-        self.under_ms = 0
 
 
 class ConnectionMixin(_BaseConnection):
@@ -117,7 +88,7 @@ class ConnectionMixin(_BaseConnection):
 
     def reset(self) -> None:
         """psycopg2's ``reset()`` (``ABORT; RESET ALL``...): the agent forgets the timeouts."""
-        state: _State | None = getattr(self, "_talisker", None)
+        state: State | None = getattr(self, "_talisker", None)
         try:
             _BaseConnection.reset(self)
         finally:
@@ -212,7 +183,7 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
         if config.current is None:
             return base(self, query, vars)
         try:
-            state: _State = self.connection._talisker
+            state: State = self.connection._talisker
         except AttributeError:
             return base(self, query, vars)
         op = _plain_operation(query) if type(query) is str else None
@@ -260,7 +231,7 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
 
 
 def _run_uncommon(
-    cursor: Any, base: Callable[..., Any], state: _State, query: Any, vars: Any
+    cursor: Any, base: Callable[..., Any], state: State, query: Any, vars: Any
 ) -> Any:
     """A statement the inline path does not know.
 
@@ -272,8 +243,8 @@ def _run_uncommon(
     if not text and type(query) is not bytes:
         query = _rendered(cursor, query)
     op = _operation(query)
-    effect = _effect(query)
-    if effect == _NO_EFFECT and text:  # not the renderings, each with its own literals
+    effect = effect_of(query)
+    if effect == NO_EFFECT and text:  # not the renderings, each with its own literals
         if len(_plain_ops) >= _PLAIN_LIMIT:
             _plain_ops.clear()
         _plain_ops[query] = op
@@ -287,8 +258,8 @@ def _run_uncommon(
     try:
         return _timed(base, cursor, query, vars, state, op, bound, restore)
     finally:
-        if effect != _NO_EFFECT:
-            _after(state, effect)
+        if effect != NO_EFFECT:
+            after(state, effect)
 
 
 def _rendered(cursor: Any, query: Any) -> Any:
@@ -311,56 +282,10 @@ def _rendered(cursor: Any, query: Any) -> Any:
     return text if text and isinstance(text, (str, bytes)) else query
 
 
-def _effect(query: Any) -> int:
-    """What a statement may do to the application's ``statement_timeout``.
-
-    ``_MAY_SET``: any mention of ``statement_timeout`` (``SET [LOCAL|SESSION]``,
-    in a multi-statement string or a ``DO`` block...), ``set_config`` (its name
-    may be a parameter), the words ``RESET`` and ``DISCARD`` (``ALL``), a
-    statement that is not text. ``_MAY_ROLL_BACK``: ``ROLLBACK`` (``TO
-    SAVEPOINT`` may undo the application's change). Only the words are looked
-    at (erring towards an effect, which costs a ``SHOW`` later); a function
-    whose body sets it, called by a statement that names neither, is not seen.
-    Substring tests first: ``execute_batch`` sends kilobytes at a time.
-    """
-    global _reset_words, _rollback_words
-    if isinstance(query, bytes):
-        text = query.decode("latin-1").lower()
-    elif isinstance(query, str):
-        text = query.lower()
-    else:
-        return _MAY_SET
-    if "statement_timeout" in text or "set_config" in text:
-        return _MAY_SET
-    if _reset_words is None:
-        import re
-
-        _reset_words = re.compile(r"\b(?:reset|discard)\b")
-        _rollback_words = re.compile(r"\b(?:rollback|abort)\b")
-    if ("reset" in text or "discard" in text) and _reset_words.search(text):
-        return _MAY_SET
-    if ("rollback" in text or "abort" in text) and _rollback_words.search(text):
-        return _MAY_ROLL_BACK
-    return _NO_EFFECT
-
-
-def _after(state: _State, effect: int) -> None:
-    """After a statement that may have changed the application's statement_timeout.
-
-    A ``ROLLBACK TO SAVEPOINT`` may undo a change made in the transaction: what
-    was read in it is forgotten either way.
-    """
-    if effect == _MAY_SET:
-        if state.session_ms is not None:
-            state.under_ms = state.session_ms  # beneath a SET LOCAL of ours of the inline path
-        state.session_ms = None
-    state.txn_ms = None
-
-
 def _run_bounded(
     cursor: Any,
     base: Callable[..., Any],
-    state: _State,
+    state: State,
     op: str,
     query: Any,
     vars: Any,
@@ -376,7 +301,7 @@ def _timed(
     cursor: Any,
     query: Any,
     vars: Any,
-    state: _State,
+    state: State,
     op: str,
     bound: bool,
     restore: tuple[str, str] | None,
@@ -395,11 +320,11 @@ def _timed(
     finally:
         if restore is not None:
             # What the application's own statement raised wins over what ours does.
-            _restore_session(cursor.connection, state, restore, raising=not failed)
+            restore_session(cursor.connection, state, restore, raising=not failed)
     return result
 
 
-def _time_left(state: _State, op: str, deadline: Any) -> float:
+def _time_left(state: State, op: str, deadline: Any) -> float:
     """Seconds left; once none are, the query is recorded and DeadlineExceeded raised."""
     left: float = deadline.expires - _monotonic()
     if left <= 0:
@@ -409,187 +334,65 @@ def _time_left(state: _State, op: str, deadline: Any) -> float:
     return left
 
 
-def _agent_error(conn: Any, key: str, message: str) -> None:
-    """An agent statement or step failed: re-raised if it broke the connection, else logged.
-
-    Called in an ``except`` block. A failed wait callback closes the connection,
-    a lost server too, and an error in a transaction fails it: the application's
-    own statement would have met that error, and without it it would get a
-    different one ("cursor already closed", "current transaction is aborted").
-    Otherwise the connection is as it was and the call goes through.
-    """
-    try:
-        broken = bool(conn.closed) or conn.info.transaction_status == _INERROR
-    except Exception:
-        broken = False
-    if broken:
-        raise  # noqa: PLE0704 - always called while handling an exception
-    _log.log_once(key, message, exc_info=True)
-
-
-def _usable(conn: Any, state: _State) -> int | None:
-    """The transaction status if the agent's statements can run, else None.
-
-    Idle: the transaction in which a SET LOCAL of ours, or a value read in it,
-    was in force has ended.
-    """
-    if conn.closed:
-        return None  # psycopg2 raises its own error for the application's statement
-    status: int = conn.info.transaction_status
-    if status == _IDLE:
-        state.ours_ms = 0
-        state.txn_ms = None
-        return status
-    if status == _INTRANS:
-        return status
-    return None  # a failed transaction: only its end (or a rollback to a savepoint) runs
-
-
 def _bounded(
-    cursor: Any, state: _State, op: str, query: Any, deadline: Any
+    cursor: Any, state: State, op: str, query: Any, deadline: Any
 ) -> tuple[Any, bool, tuple[str, str] | None]:
     """Under a deadline: fail fast once it has passed, else bound the statement by it.
 
-    Returns the statement to send, whether the deadline (not the application's
-    own ``statement_timeout``) is its bound, and what :func:`_restore_session`
-    needs if the bound had to be set for the session.
+    Returns the statement to send, whether the deadline is its bound, and what
+    :func:`restore_session` needs if the bound had to be set for the session.
     """
     left = _time_left(state, op, deadline)
     conn = cursor.connection
     try:
-        status = _usable(conn, state)
-        if status is None:
-            return query, False, None
-        named = cursor.name is not None
-        if (
-            named
-            or op in _NOT_PREFIXABLE
-            or (conn.autocommit and _outside_transaction_only(op, query))
-        ):
-            # A named cursor's DECLARE, COPY, VACUUM, CREATE INDEX CONCURRENTLY, CALL
-            # of a procedure that commits...: a prefix would make a transaction
-            # block of the query string, which they cannot be in or must not be in.
-            if conn.autocommit and status == _IDLE:
-                if named or op in _SESSION_BOUND_OPS:
-                    return (query, *_bound_session(conn, state, left))
-                return query, False, None  # LOCK, SHOW, LISTEN...: only the check above
-            # In a transaction: bound what follows with a separate SET LOCAL.
-            return query, _set_local_separately(conn, state, left), None
-        ms, bound = _ours(conn, state, left)
-        prefix = cursor._talisker_prefix = f"SET LOCAL statement_timeout = {ms}; "
-        return _prefixed(query, prefix), bound, None
+        prefix, bound, restore = plan(conn, state, op, query, cursor.name is None, left)
     except Exception:
-        _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
+        agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
         return query, False, None
+    if prefix is None:
+        return query, bound, restore
+    cursor._talisker_prefix = prefix
+    return prefixed(query, prefix), bound, None
 
 
-def _unbounded(cursor: Any, state: _State, op: str, query: Any) -> Any:
+def _unbounded(cursor: Any, state: State, op: str, query: Any) -> Any:
     """No deadline: undo a SET LOCAL of ours that may be in force in this transaction."""
     conn = cursor.connection
     try:
-        restore = _restore_statement(conn, state)
-        if restore is None:
-            return query
-        if cursor.name is None and op not in _NOT_PREFIXABLE:
-            prefix = cursor._talisker_prefix = restore + "; "
-            return _prefixed(query, prefix)
-        _execute_own(conn, restore)
+        prefix = unbind(conn, state, op, cursor.name is None)
     except Exception:
-        _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
-    return query
+        agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
+        return query
+    if prefix is None:
+        return query
+    cursor._talisker_prefix = prefix
+    return prefixed(query, prefix)
 
 
 def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: Any) -> Any:
     conn = cursor.connection
-    state: _State | None = getattr(conn, "_talisker", None)
+    state: State | None = getattr(conn, "_talisker", None)
     if state is None:
         return base(cursor, procname, params)
-    effect = _effect(procname)  # set_config by name
+    effect = effect_of(procname)  # set_config by name
     deadline = _current_scope().deadline
     bound = False
     restore = None
-    if deadline is not None:
-        left = _time_left(state, "call", deadline)
-        try:
-            status = _usable(conn, state)
-            if status == _IDLE and conn.autocommit:
-                bound, restore = _bound_session(conn, state, left)
-            elif status is not None:
-                bound = _set_local_separately(conn, state, left)
-        except Exception:
-            _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
-    elif state.ours_ms:
-        try:
-            statement = _restore_statement(conn, state)
-            if statement is not None:
-                _execute_own(conn, statement)
-        except Exception:
-            _agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
+    try:
+        if deadline is not None:
+            left = _time_left(state, "call", deadline)
+            _, bound, restore = plan(conn, state, "call", procname, False, left)
+        elif state.ours_ms:
+            unbind(conn, state, "call", False)
+    except DeadlineExceeded:
+        raise
+    except Exception:
+        agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
     try:
         return _timed(base, cursor, procname, params, state, "call", bound, restore)
     finally:
-        if effect != _NO_EFFECT:
-            _after(state, effect)
-
-
-def _restore_statement(conn: Any, state: _State) -> str | None:
-    """What undoes a SET LOCAL of ours still in force in this transaction, if one may be.
-
-    ``SET LOCAL statement_timeout = <the application's value>`` (``TO DEFAULT``
-    would ignore a session-level ``SET`` of the application's).
-    """
-    if _usable(conn, state) != _INTRANS:
-        return None  # ended; or failed, where nothing runs: ours stays noted until it ends
-    ms = _app_timeout_ms(conn, state)
-    # Statements without a deadline are not looked at from here on: what was
-    # read in this transaction cannot be known to be of it later.
-    state.ours_ms = 0
-    state.txn_ms = None
-    return f"SET LOCAL statement_timeout = {ms}"
-
-
-def _app_timeout_ms(conn: Any, state: _State) -> int:
-    """The application's own statement_timeout now; a round trip if it is not known.
-
-    Read at the start of a transaction, it is the session's and is kept as
-    such; read inside one, it may be a ``SET LOCAL`` of the application's and is
-    kept for that transaction only. ``SHOW`` gives the agent's own value while
-    it is in force: the application's is then the one beneath it.
-    """
-    if state.session_ms is not None:
-        return state.session_ms
-    status = conn.info.transaction_status
-    if status != _IDLE and state.txn_ms is not None:
-        return state.txn_ms
-    row = _execute_own(conn, "SHOW statement_timeout")
-    ms = parse_duration_ms(row[0]) if row else 0
-    if status == _IDLE:
-        state.session_ms = ms
-        return ms
-    if state.ours_ms and ms == state.ours_ms:
-        ms = state.under_ms
-    state.txn_ms = ms
-    return ms
-
-
-def _limit(app_ms: int, left: float) -> tuple[int, bool]:
-    """Milliseconds for statement_timeout: the time left, never more than the application's.
-
-    Also whether the deadline is the bound (not the application's own timeout).
-    """
-    ms = _ceil(left * 1000.0) or 1  # never 0: 0 means no limit
-    if 0 < app_ms < ms:
-        return app_ms, False
-    return ms, True
-
-
-def _ours(conn: Any, state: _State, left: float) -> tuple[int, bool]:
-    """The value for a SET LOCAL of ours, noted as in force from here on."""
-    app_ms = _app_timeout_ms(conn, state)
-    ms, bound = _limit(app_ms, left)
-    state.ours_ms = ms
-    state.under_ms = app_ms
-    return ms, bound
+        if effect != NO_EFFECT:
+            after(state, effect)
 
 
 def _execute_own(conn: Any, statement: str, params: Any = None) -> Any:
@@ -600,79 +403,6 @@ def _execute_own(conn: Any, statement: str, params: Any = None) -> Any:
         return cur.fetchone() if cur.description else None
     finally:
         cur.close()
-
-
-def _set_local_separately(conn: Any, state: _State, left: float) -> bool:
-    """In a transaction (or one psycopg2 begins): a SET LOCAL of ours as its own statement."""
-    ms, bound = _ours(conn, state, left)
-    _execute_own(conn, f"SET LOCAL statement_timeout = {ms}")
-    return bound
-
-
-def _bound_session(conn: Any, state: _State, left: float) -> tuple[bool, tuple[str, str] | None]:
-    """Autocommit, a statement that cannot take a prefix: set the session's timeout.
-
-    One round trip before (reading the value to put back) and one after, in
-    :func:`_restore_session`; nothing if the application's own timeout is shorter.
-    Returns whether the deadline is the bound, and the session's value and ours.
-    """
-    ms, bound = _limit(_app_timeout_ms(conn, state), left)
-    if not bound:
-        return False, None  # the application's own, shorter timeout is in force already
-    row = _execute_own(
-        conn,
-        "SELECT current_setting('statement_timeout'), set_config('statement_timeout', %s, false)",
-        (str(ms),),
-    )
-    return True, ((row[0], row[1]) if row else None)
-
-
-def _restore_session(conn: Any, state: _State, values: tuple[str, str], raising: bool) -> None:
-    """Put back the session's statement_timeout after :func:`_bound_session`.
-
-    Only if it is still ours: a statement that set its own (a ``DO`` block
-    calling ``set_config``) keeps it. Raises only what :func:`_agent_error` does,
-    and only if ``raising``.
-    """
-    try:
-        if conn.closed:
-            return
-        row = _execute_own(
-            conn,
-            "SELECT set_config('statement_timeout', %s, false)"
-            " WHERE current_setting('statement_timeout') = %s",
-            values,
-        )
-        if row is None:
-            state.session_ms = state.txn_ms = None  # the statement changed it: read it again
-    except Exception:
-        message = "agent: restoring a session's statement_timeout failed"
-        if raising:
-            _agent_error(conn, "psycopg2-restore", message)
-        else:
-            _log.log_once("psycopg2-restore", message, exc_info=True)
-
-
-def _prefixed(query: Any, prefix: str) -> Any:
-    if isinstance(query, str):
-        return prefix + query
-    if isinstance(query, bytes):
-        return prefix.encode() + query
-    return query  # not text (a Composable that failed to render): psycopg2 raises its own
-
-
-_UNITS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
-
-
-def parse_duration_ms(text: str) -> int:
-    """PostgreSQL's ``SHOW`` form of a duration (``0``, ``500ms``, ``5s``, ``1min``) in ms."""
-    text = text.strip()
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(number) :] or "ms"
-    try:
-        return max(0, math.ceil(float(number) * _UNITS[unit]))
-    except (ValueError, KeyError):
-        return 0
 
 
 # -- connect ---------------------------------------------------------------------
@@ -718,8 +448,10 @@ def connect_wrapper(
         raise
     try:
         info = conn.info
-        conn._talisker = _State(
-            naming.peer_name(info.host or "localhost", info.port), info.dbname or "unknown"
+        conn._talisker = State(
+            naming.peer_name(info.host or "localhost", info.port),
+            info.dbname or "unknown",
+            _execute_own,
         )
     except Exception:
         _log.log_once(
@@ -730,17 +462,7 @@ def connect_wrapper(
 
 def _connect_timeout(args: tuple[Any, ...], kwargs: dict[str, Any], left: float) -> int:
     """Whole seconds: the time left, never more than the caller's own connect_timeout."""
-    ours = max(_MIN_CONNECT_TIMEOUT, math.ceil(left))
-    theirs = kwargs.get("connect_timeout")
-    if theirs is None:
-        theirs = _dsn_params(args, kwargs).get("connect_timeout") or os.environ.get(
-            "PGCONNECT_TIMEOUT"
-        )
-    try:
-        value = int(theirs) if theirs is not None else 0
-    except (TypeError, ValueError):
-        value = 0
-    return ours if value <= 0 else min(ours, value)
+    return postgres.connect_timeout(left, kwargs, _dsn_params(args, kwargs))
 
 
 def _dsn_params(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
@@ -756,16 +478,7 @@ def _dsn_params(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]
 
 def _target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
     """``peer`` and ``db`` of a connection that failed: never the password."""
-    params = _dsn_params(args, kwargs)
-    host = kwargs.get("host") or params.get("host") or os.environ.get("PGHOST") or "localhost"
-    port = kwargs.get("port") or params.get("port") or os.environ.get("PGPORT") or 5432
-    db = kwargs.get("dbname") or kwargs.get("database") or params.get("dbname")
-    db = db or os.environ.get("PGDATABASE") or "unknown"
-    try:
-        port_number: int | None = int(str(port).split(",")[0])
-    except ValueError:
-        port_number = None
-    return naming.peer_name(str(host).split(",")[0], port_number), str(db)
+    return postgres.target(kwargs, _dsn_params(args, kwargs))
 
 
 PATCHES = (Patch("psycopg2", "connect", connect_wrapper),)

@@ -15,7 +15,8 @@ from __future__ import annotations
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import Timeout as RequestsTimeout
 
-from agent import _log, config, context, outgoing
+from agent import _log, config, context
+from agent.http import client
 from agent.instrumentation import Patch
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
@@ -40,7 +41,7 @@ def send_wrapper(
     if config.current is None:
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
-    call = outgoing.current_call()
+    call = client.current_call()
     if call is not None:  # a redirect, followed inside the outer send
         _check_deadline(call, request)
         try:
@@ -51,11 +52,11 @@ def send_wrapper(
                 raise deadline_error from exc
             raise
     try:
-        call = outgoing.begin(getattr(request, "method", None) or "GET")
+        call = client.begin(getattr(request, "method", None) or "GET")
     except Exception:
         _log.log_once("requests-begin", "agent: starting a requests record failed", exc_info=True)
         return wrapped(*args, **kwargs)
-    token = outgoing.enter(call)
+    token = client.enter(call)
     try:
         _check_deadline(call, request)
         response = wrapped(*args, **kwargs)
@@ -66,7 +67,7 @@ def send_wrapper(
             raise deadline_error from exc
         raise
     finally:
-        outgoing.end(token)
+        client.end(token)
     _finish(call, request, response, None)
     try:
         return response
@@ -89,14 +90,15 @@ def request_wrapper(
         return wrapped(*args, **kwargs)
 
 
-def _check_deadline(call: outgoing.Call, request: Any) -> None:
+def _check_deadline(call: client.Call, request: Any) -> None:
     deadline = call.deadline
-    if deadline is not None and deadline.expired():
-        if call.peer is None:
-            call.peer = outgoing.peer_from_url(getattr(request, "url", None))
-        raise DeadlineExceeded(
-            f"deadline exceeded {-deadline.remaining():.3f}s ago; request not sent"
-        )
+    if deadline is not None:
+        try:
+            context.time_left(deadline, DeadlineExceeded, "; request not sent")
+        except DeadlineExceeded:
+            if call.peer is None:
+                call.peer = client.peer_from_url(getattr(request, "url", None))
+            raise
 
 
 def _deadline_error(exc: BaseException) -> DeadlineExceeded | None:
@@ -109,14 +111,14 @@ def _deadline_error(exc: BaseException) -> DeadlineExceeded | None:
     return None
 
 
-def _finish(call: outgoing.Call, request: Any, response: Any, error: BaseException | None) -> None:
+def _finish(call: client.Call, request: Any, response: Any, error: BaseException | None) -> None:
     try:
         if call.peer is None:  # no urllib3 attempt named it (failed early; old chunked path)
-            call.peer = outgoing.peer_from_url(getattr(request, "url", None))
+            call.peer = client.peer_from_url(getattr(request, "url", None))
         if response is None:
-            outgoing.finish(call, None, None, error)
+            client.finish(call, None, None, error)
         else:
-            outgoing.finish(call, response.status_code, response.headers, error)
+            client.finish(call, response.status_code, response.headers, error)
     except Exception:
         _log.log_once("requests-record", "agent: recording a requests call failed", exc_info=True)
 

@@ -13,14 +13,14 @@ Loaded by the registry when ``urllib3.connectionpool`` is imported.
 from __future__ import annotations
 
 import socket
-import time
 
 from urllib3 import connectionpool as _connectionpool
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 from urllib3.util.timeout import Timeout
 
-from agent import _log, config, context, naming, outgoing
+from agent import _log, config, context, naming, propagation
+from agent.http import client
 from agent.instrumentation import Patch
 
 try:  # 1.26 and 2.x both have it; the import keeps working if it moves
@@ -37,11 +37,11 @@ if TYPE_CHECKING:
 
     from agent.config import Config
 
-_monotonic = time.monotonic
-_current_call = outgoing.current_call
+_time_left = context.time_left
+_current_call = client.current_call
 _cached_peer = naming.cached
-_enter = outgoing.enter
-_end = outgoing.end
+_enter = client.enter
+_end = client.end
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _HEADERS, _TIMEOUT = 3, 7  # positions in urlopen(method, url, body, headers, retries, ...)
 
@@ -106,7 +106,7 @@ def poolmanager_wrapper(
         response = wrapped(*args, **kwargs)
     except Exception as exc:
         if call.peer is None:
-            call.peer = outgoing.peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
+            call.peer = client.peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
         _finish(call, None, exc)
         raise
     finally:
@@ -121,10 +121,10 @@ def poolmanager_wrapper(
         del response
 
 
-def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> outgoing.Call | None:
+def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> client.Call | None:
     """A new logical request from ``urlopen(method, url, ...)`` arguments (None on failure)."""
     try:
-        return outgoing.begin(args[0] if args else kwargs.get("method", "GET"))
+        return client.begin(args[0] if args else kwargs.get("method", "GET"))
     except Exception:
         _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
         return None
@@ -136,27 +136,25 @@ def _attempt(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     cfg: Config,
-    call: outgoing.Call,
+    call: client.Call,
 ) -> Any:
     """One attempt: check the deadline, add the headers, cut the timeouts, send."""
     deadline = call.deadline
     if call.peer is None:
         call.peer = _cached_peer((pool.host, pool.port)) or _pool_peer(pool)
     if deadline is not None:
-        left = deadline.expires - _monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; request not sent")
+        left = _time_left(deadline, DeadlineExceeded, "; request not sent")
     try:
         call.attempts += 1
         if len(args) > _HEADERS:
             headers = args[_HEADERS]
-            new_headers = outgoing.attempt_headers(
+            new_headers = propagation.attempt_headers(
                 pool.headers if headers is None else headers, call, cfg, _copy_headers
             )
             args = (*args[:_HEADERS], new_headers, *args[_HEADERS + 1 :])
         else:
             headers = kwargs.get("headers")
-            kwargs["headers"] = outgoing.attempt_headers(
+            kwargs["headers"] = propagation.attempt_headers(
                 pool.headers if headers is None else headers, call, cfg, _copy_headers
             )
         if deadline is not None:
@@ -172,7 +170,7 @@ def _attempt(
     return wrapped(*args, **kwargs)
 
 
-def _cut_timeout(timeout: Any, pool: Any, left: float, call: outgoing.Call) -> Any:
+def _cut_timeout(timeout: Any, pool: Any, left: float, call: client.Call) -> Any:
     """The caller's (or the pool's) timeout, with no part longer than the time left.
 
     A value this does not understand (``timeout="1"``, a ``bool``) is returned
@@ -253,12 +251,12 @@ def _pool_peer(pool: Any) -> str:
     return naming.peer_name(pool.host or "unknown", port)
 
 
-def _finish(call: outgoing.Call, response: Any, error: BaseException | None) -> None:
+def _finish(call: client.Call, response: Any, error: BaseException | None) -> None:
     try:
         if response is None:
-            outgoing.finish(call, None, None, error)
+            client.finish(call, None, None, error)
         else:
-            outgoing.finish(call, response.status, response.headers, error)
+            client.finish(call, response.status, response.headers, error)
     except Exception:
         _log.log_once("urllib3-record", "agent: recording a urllib3 request failed", exc_info=True)
 

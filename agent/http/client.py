@@ -1,0 +1,189 @@
+"""The outgoing-call protocol of every HTTP client: one record per logical request.
+
+A *logical request* is one call by the application: ``requests.get(...)``,
+``pool.urlopen(...)``. Its retries and redirects are *attempts* of the same
+logical request: they share its request id, each gets the deadline header and
+timeouts recomputed from the time left, and each is checked against the
+deadline first. A context variable holds the logical request in flight, so
+nested layers (requests over urllib3, urllib3's own recursion on retries)
+record it once, at the outermost layer.
+
+The instrumentation modules call :func:`begin`, :func:`enter`, per attempt
+:func:`agent.context.time_left` and :func:`agent.propagation.attempt_headers`, then :func:`end`
+and :func:`finish`; they know their library, this module knows the metrics.
+Errors are classified by :mod:`agent.http.errors`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+
+from agent import context, metrics, naming, propagation
+from agent.http.errors import classify_error
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from typing import Any
+
+
+__all__ = [
+    "Call",
+    "begin",
+    "current_call",
+    "end",
+    "enter",
+    "finish",
+]
+
+_perf_counter = time.perf_counter
+_monotonic = time.monotonic
+_record_deferred = metrics.record_deferred
+_COUNT, _TIMING = metrics.COUNT, metrics.TIMING
+
+
+class Call:
+    """One logical outgoing request and what its attempts learned."""
+
+    __slots__ = (
+        "attempts",
+        "deadline",
+        "deadline_bound",
+        "method",
+        "peer",
+        "request_id",
+        "start",
+        "view",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        deadline: context.Deadline | None,
+        method: str,
+        view: str | None = None,
+        peer: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.deadline = deadline
+        self.method = method
+        self.view = view  # per-call name (metric_names / metric_api_name)
+        self.peer = peer  # per-call name, else set by the first attempt
+        self.attempts = 0
+        self.deadline_bound = False  # an attempt's timeout was cut to the deadline
+        self.start = _perf_counter()
+
+
+_call: ContextVar[Call | None] = ContextVar("talisker_outgoing_call", default=None)
+current_call = _call.get
+enter = _call.set  #: make a call the one in flight; returns the token for :func:`end`
+end = _call.reset  #: leave it (with the token from :func:`enter`)
+_current_scope = context.current
+_new_request_id = context.new_request_id
+_view_header = propagation.view_header
+
+
+def begin(method: str) -> Call:
+    """A logical request in the current scope (not yet in flight: see :func:`enter`)."""
+    scope = _current_scope()
+    return Call(
+        scope.request_id or _new_request_id(),
+        scope.deadline,
+        method.upper(),
+        scope.view,
+        scope.peer,
+    )
+
+
+def peer_from_url(url: Any) -> str | None:
+    """The ``peer`` of a URL (host and port only: never user info or path), or None."""
+    try:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(str(url))
+        if not parts.hostname:
+            return None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return naming.peer_name(parts.hostname, port)
+    except Exception:
+        return None
+
+
+def finish(call: Call, status: int | None, headers: Any, error: BaseException | None) -> None:
+    """Record the logical request: count, latency, error and retries.
+
+    ``status`` and ``headers`` are the response's (None when there is none);
+    the ``view`` tag is the per-call name, else the response's ``X-View-Name``.
+    One tuple is handed to the metrics pipeline; the metrics thread builds the
+    tags (:func:`expand_requests`). Errors are classified here, on the caller's
+    thread, so no exception (and its traceback) is kept alive until the flush.
+    """
+    view = call.view
+    if view is None and headers is not None:
+        view = _view_header(headers)
+    elapsed_ms = (_perf_counter() - call.start) * 1000.0
+    kind: str | None
+    code: str | None
+    if error is not None:
+        deadline = call.deadline
+        bound = call.deadline_bound or (deadline is not None and deadline.expired())
+        kind, code = classify_error(error, bound)
+    elif status is not None and status >= 500:
+        kind, code = "http", str(status)
+    else:
+        kind = code = None
+    _record_deferred(
+        expand_requests,
+        (
+            call.peer or "unknown",
+            view or "unknown",
+            call.method,
+            status or "error",
+            elapsed_ms,
+            kind,
+            code,
+            call.attempts - 1,
+        ),
+    )
+
+
+def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
+    """The metrics of a flush's logical requests (runs in the metrics thread).
+
+    Requests with the same tags are summed first, so tags are built once per
+    distinct combination, not once per request.
+    """
+    counts: dict[tuple[Any, ...], list[Any]] = {}
+    errors: dict[tuple[Any, ...], int] = {}
+    retries: dict[tuple[Any, ...], int] = {}
+    for peer, view, method, status, elapsed_ms, kind, code, extra_attempts in payloads:
+        key = (peer, view, method, status)
+        samples = counts.get(key)
+        if samples is None:
+            counts[key] = [elapsed_ms]
+        else:
+            samples.append(elapsed_ms)
+        if kind is not None:
+            error_key = (peer, view, method, kind, code)
+            errors[error_key] = errors.get(error_key, 0) + 1
+        if extra_attempts > 0:
+            retry_key = (peer, view, method)
+            retries[retry_key] = retries.get(retry_key, 0) + extra_attempts
+    records: list[tuple[int, str, Any, Any]] = []
+    for (peer, view, method, status), samples in counts.items():
+        tags = (("peer", peer), ("view", view), ("method", method), ("status", status))
+        records.append((_COUNT, "requests.count", len(samples), tags))
+        records.append((_TIMING, "requests.latency", samples, tags))
+    for (peer, view, method, kind, code), n in errors.items():
+        error_tags = (
+            ("peer", peer),
+            ("view", view),
+            ("method", method),
+            ("type", kind),
+            ("code", code),
+        )
+        records.append((_COUNT, "requests.errors", n, error_tags))
+    for (peer, view, method), n in retries.items():
+        retry_tags = (("peer", peer), ("view", view), ("method", method))
+        records.append((_COUNT, "requests.retries", n, retry_tags))
+    return records
