@@ -52,6 +52,7 @@ _BaseCursor = extensions.cursor
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
 _current_scope = context.current
+_check = context.time_left
 _operation = record.operation
 _finish = record.finish
 _expand = record.expand_queries
@@ -326,12 +327,11 @@ def _timed(
 
 def _time_left(state: State, op: str, deadline: Any) -> float:
     """Seconds left; once none are, the query is recorded and DeadlineExceeded raised."""
-    left: float = deadline.expires - _monotonic()
-    if left <= 0:
-        error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; query not sent")
+    try:
+        return _check(deadline, DeadlineExceeded, "; query not sent")
+    except DeadlineExceeded as error:
         _finish(state.peer, state.db, op, _perf_counter(), error)
-        raise error
-    return left
+        raise
 
 
 def _bounded(
@@ -421,12 +421,12 @@ def connect_wrapper(
             kwargs["connection_factory"] = connection_class(kwargs.get("connection_factory"))
         deadline = _current_scope().deadline
         if deadline is not None:
-            left = deadline.expires - _monotonic()
-            if left <= 0:
-                error = DeadlineExceeded(f"deadline exceeded {-left:.3f}s ago; not connecting")
+            try:
+                left = _check(deadline, DeadlineExceeded, "; not connecting")
+            except DeadlineExceeded as error:
                 peer, db = _target(args, kwargs)
                 _finish(peer, db, "connect", _perf_counter(), error)
-                raise error
+                raise
             kwargs["connect_timeout"] = _connect_timeout(args, kwargs, left)
     except DeadlineExceeded:
         raise
