@@ -43,6 +43,7 @@ _cached_peer = naming.cached
 _enter = client.enter
 _end = client.end
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_NO_KWARGS: dict[str, Any] = {}
 _HEADERS, _TIMEOUT = 3, 7  # positions in urlopen(method, url, body, headers, retries, ...)
 
 
@@ -74,22 +75,7 @@ def urlopen_wrapper(
     call = _begin(args, kwargs)
     if call is None:
         return wrapped(*args, **kwargs)
-    token = _enter(call)
-    try:
-        response = _attempt(wrapped, pool, args, kwargs, cfg, call)
-    except Exception as exc:
-        _finish(call, None, exc)
-        raise
-    finally:
-        _end(token)
-    _finish(call, response, None)
-    try:
-        return response
-    finally:
-        # A frame of ours can outlive the call: an exception urllib3 caught and
-        # retried keeps the frames above it (ours) in a cycle until a garbage
-        # collection. Without the response, that cycle holds no socket.
-        del response
+    return _recorded(call, _attempt, None, (wrapped, pool, args, kwargs, cfg, call), _NO_KWARGS)
 
 
 def poolmanager_wrapper(
@@ -101,12 +87,24 @@ def poolmanager_wrapper(
     call = _begin(args, kwargs)
     if call is None:
         return wrapped(*args, **kwargs)
+    url = args[1] if len(args) > 1 else kwargs.get("url")
+    return _recorded(call, wrapped, url, args, kwargs)
+
+
+def _recorded(
+    call: client.Call,
+    send: Callable[..., Any],
+    url: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """``send(*args, **kwargs)`` as the logical request ``call`` in flight, recorded."""
     token = _enter(call)
     try:
-        response = wrapped(*args, **kwargs)
+        response = send(*args, **kwargs)
     except Exception as exc:
-        if call.peer is None:
-            call.peer = client.peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
+        if call.peer is None:  # failed before an attempt named it
+            call.peer = client.peer_from_url(url)
         _finish(call, None, exc)
         raise
     finally:
