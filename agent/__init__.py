@@ -15,6 +15,7 @@ from agent.context import (
     deadline_timeout,
     metric_names,
     request_context,
+    suppress,
 )
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
@@ -40,6 +41,7 @@ __all__ = [
     "register_endpoint_name",
     "request_context",
     "request_timeout",
+    "suppress",
     "timed",
     "uninstall",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "metric_names",
     "new_request_id",
     "request_context",
+    "suppress",
 ]
 
 _monotonic = time.monotonic
@@ -106,7 +107,7 @@ class Deadline:
 class Scope:
     """What the current request knows: its id, its deadline, names for its calls."""
 
-    __slots__ = ("_token", "deadline", "peer", "request_id", "view")
+    __slots__ = ("_token", "deadline", "peer", "request_id", "suppressed", "view")
 
     def __init__(
         self,
@@ -114,16 +115,18 @@ class Scope:
         deadline: Deadline | None = None,
         view: str | None = None,
         peer: str | None = None,
+        suppressed: bool = False,
     ) -> None:
         self.request_id = request_id
         self.deadline = deadline
         self.view = view  # per-call metric name of outgoing calls (`view` tag)
         self.peer = peer  # per-call peer name of outgoing calls (`peer` tag)
+        self.suppressed = suppressed  # inside agent.suppress(): calls are not instrumented
         self._token: Token[Scope] | None = None  # set by the context manager that pushed it
 
     def replace(self, **changes: Any) -> Scope:
         """A copy with some fields changed."""
-        scope = Scope(self.request_id, self.deadline, self.view, self.peer)
+        scope = Scope(self.request_id, self.deadline, self.view, self.peer, self.suppressed)
         for name, value in changes.items():
             setattr(scope, name, value)
         return scope
@@ -131,7 +134,7 @@ class Scope:
     def __repr__(self) -> str:
         return (
             f"Scope(request_id={self.request_id!r}, deadline={self.deadline!r}, "
-            f"view={self.view!r}, peer={self.peer!r})"
+            f"view={self.view!r}, peer={self.peer!r}, suppressed={self.suppressed!r})"
         )
 
 
@@ -300,6 +303,7 @@ class request_context(_ScopeChange):
             deadline=earliest(scope.deadline, d),
             view=scope.view,
             peer=scope.peer,
+            suppressed=scope.suppressed,
         )
 
 
@@ -322,3 +326,19 @@ class metric_names(_ScopeChange):
             view=self.view if self.view is not None else scope.view,
             peer=self.peer if self.peer is not None else scope.peer,
         )
+
+
+class suppress(_ScopeChange):
+    """Context manager (or decorator): the calls made inside it are not instrumented.
+
+    Outgoing HTTP calls and SQL statements inside it are made as without the
+    agent: no request id or deadline header, no timeout cut to the deadline, no
+    ``DeadlineExceeded``, no metric. For an application's own health checks, or
+    the calls of another agent. Nests; ``request_context`` inside it stays
+    suppressed. (OpenTelemetry's ``suppress_http_instrumentation`` is the model.)
+    """
+
+    __slots__ = ()
+
+    def _changed(self, scope: Scope) -> Scope:
+        return scope.replace(suppressed=True)

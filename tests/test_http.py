@@ -42,6 +42,28 @@ def test_request_id_and_deadline_headers_are_sent(install_agent, statsd, http_se
         assert deadline is not None and deadline.endswith("Z") and len(deadline) == 24
 
 
+def test_calls_inside_suppress_are_made_as_without_the_agent(install_agent, statsd, http_server):
+    install_agent()
+    with agent.request_context(request_id="abc-123", deadline=0.001):
+        time.sleep(0.01)  # the deadline has passed: an instrumented call would fail fast
+        with agent.suppress():
+            assert requests.get(http_server.url + "/a").status_code == 200
+            urllib3.PoolManager().request("GET", http_server.url + "/b")
+            with agent.request_context(request_id="inner"):  # still suppressed
+                requests.get(http_server.url + "/c")
+        with pytest.raises(agent.DeadlineExceeded):  # the control
+            requests.get(http_server.url + "/d")
+    assert [r.path for r in http_server.requests] == ["/a", "/b", "/c"]
+    assert all(r.header("X-Request-Id") is None for r in http_server.requests)
+    assert all(r.header("X-Request-Deadline") is None for r in http_server.requests)
+    requests.get(http_server.url + "/after")  # instrumented again
+    assert http_server.requests[-1].header("X-Request-Id")
+    assert agent.flush(5)
+    statsd.wait_for(lambda: statsd.total("talisker.requests.errors") >= 1)
+    statsd.wait_for(lambda: statsd.total("talisker.requests.count") >= 2)
+    assert statsd.total("talisker.requests.count") == 2  # /d and /after only
+
+
 def test_outside_a_request_each_logical_request_gets_a_new_id(install_agent, http_server):
     install_agent()
     requests.get(http_server.url + "/one")

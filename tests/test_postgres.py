@@ -41,6 +41,28 @@ def run_pg_sleep(conn, seconds: float) -> None:
 # -- connections and cursors -----------------------------------------------------
 
 
+def test_statements_inside_suppress_are_not_bounded_or_recorded(pg, statsd):
+    conn = psycopg2.connect(pg)
+    try:
+        conn.autocommit = True
+        with agent.deadline(0.3), agent.suppress():
+            run_pg_sleep(conn, 0.6)  # would be cancelled at 0.3 s
+            conn.cursor().callproc("pg_sleep", (0.6,))
+        with agent.suppress():
+            suppressed = psycopg2.connect(pg)  # still the agent's class
+        with suppressed.cursor() as cur:
+            cur.execute("select 1")  # recorded: outside suppress
+        suppressed.close()
+        with agent.deadline(0.3), pytest.raises(psycopg2.errors.QueryCanceled):  # the control
+            run_pg_sleep(conn, 3)
+    finally:
+        conn.close()
+    sent(statsd, ERRORS)
+    statsd.wait_for(lambda: statsd.total(QUERIES) >= 2)
+    assert statsd.total(QUERIES) == 2  # the control and select 1; no connect is a query
+    assert statsd.total(QUERIES, operation="call") == 0
+
+
 def test_the_application_gets_a_real_connection(pg):
     conn = psycopg2.connect(pg)
     try:

@@ -83,9 +83,14 @@ _new_request_id = context.new_request_id
 _view_header = propagation.view_header
 
 
-def begin(method: str) -> Call:
-    """A logical request in the current scope (not yet in flight: see :func:`enter`)."""
+def begin(method: str) -> Call | None:
+    """A logical request in the current scope (not yet in flight: see :func:`enter`).
+
+    None inside :class:`agent.suppress`: the call is made as without the agent.
+    """
     scope = _current_scope()
+    if scope.suppressed:
+        return None
     return Call(
         scope.request_id or _new_request_id(),
         scope.deadline,

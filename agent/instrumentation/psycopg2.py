@@ -187,10 +187,13 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
             state: State = self.connection._talisker
         except AttributeError:
             return base(self, query, vars)
+        scope = _current_scope()
+        if scope.suppressed:
+            return _run_suppressed(self, base, state, query, vars)
         op = _plain_operation(query) if type(query) is str else None
         if op is None:
             return _run_uncommon(self, base, state, query, vars)
-        deadline = _current_scope().deadline
+        deadline = scope.deadline
         bound = False
         if deadline is not None:
             # The common case inline (a plain statement, the session's timeout
@@ -261,6 +264,21 @@ def _run_uncommon(
     finally:
         if effect != NO_EFFECT:
             after(state, effect)
+
+
+def _run_suppressed(
+    cursor: Any, base: Callable[..., Any], state: State, query: Any, vars: Any
+) -> Any:
+    """Inside ``agent.suppress()``: as without the agent, and not under a deadline of ours.
+
+    Nothing is recorded; a ``SET LOCAL`` of the agent's still in force in the
+    transaction is undone first, as for any statement without a deadline.
+    """
+    if state.ours_ms:
+        if type(query) is not str and type(query) is not bytes:
+            query = _rendered(cursor, query)
+        query = _unbounded(cursor, state, _operation(query), query)
+    return base(cursor, query, vars)
 
 
 def _rendered(cursor: Any, query: Any) -> Any:
@@ -375,7 +393,8 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
     if state is None:
         return base(cursor, procname, params)
     effect = effect_of(procname)  # set_config by name
-    deadline = _current_scope().deadline
+    scope = _current_scope()
+    deadline = None if scope.suppressed else scope.deadline
     bound = False
     restore = None
     try:
@@ -389,6 +408,8 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
     except Exception:
         agent_error(conn, "psycopg2-prepare", "agent: preparing a query failed")
     try:
+        if scope.suppressed:
+            return base(cursor, procname, params)
         return _timed(base, cursor, procname, params, state, "call", bound, restore)
     finally:
         if effect != NO_EFFECT:
@@ -414,12 +435,15 @@ def connect_wrapper(
     """Around ``psycopg2.connect``: the agent's connection class, the connect deadline."""
     if config.current is None or kwargs.get("async_") or kwargs.get("async"):
         return wrapped(*args, **kwargs)  # asynchronous connections are left alone
+    suppressed = False
     try:
         if len(args) > 1:
             args = (args[0], connection_class(args[1]), *args[2:])
         else:
             kwargs["connection_factory"] = connection_class(kwargs.get("connection_factory"))
-        deadline = _current_scope().deadline
+        scope = _current_scope()
+        suppressed = scope.suppressed  # still the agent's class: later statements are timed
+        deadline = None if suppressed else scope.deadline
         if deadline is not None:
             try:
                 left = _check(deadline, DeadlineExceeded, "; not connecting")
@@ -438,6 +462,8 @@ def connect_wrapper(
     try:
         conn = wrapped(*args, **kwargs)
     except Exception as exc:
+        if suppressed:
+            raise
         try:
             peer, db = _target(args, kwargs)
             _finish(peer, db, "connect", start, exc)

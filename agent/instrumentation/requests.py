@@ -55,6 +55,8 @@ def send_wrapper(
         call = client.begin(getattr(request, "method", None) or "GET")
     except Exception:
         _log.log_once("requests-begin", "agent: starting a requests record failed", exc_info=True)
+        call = None
+    if call is None:  # inside agent.suppress(), or the agent failed
         return wrapped(*args, **kwargs)
     token = client.enter(call)
     try:
