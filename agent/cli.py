@@ -182,9 +182,20 @@ def _instrumentation_state(cfg: config.Config, name: str) -> str:
         return "off (TALISKER_DISABLED_INSTRUMENTATIONS)"
     if importlib.util.find_spec(name) is None:
         return "not installed"
+    from agent.instrumentation import describe_supported, supports
     from agent.registry import target_version
 
-    return f"active when imported ({name} {target_version(name)})"
+    version = target_version(name)
+    try:
+        import importlib
+
+        supported = importlib.import_module(f"agent.instrumentation.{name}").SUPPORTED
+    except Exception as exc:  # a broken installation of the library
+        return f"NOT loadable ({name} {version}: {type(exc).__name__})"
+    shown = describe_supported(supported)
+    if not supports(supported, version):
+        return f"NOT supported: {name} {version}, supported {shown}; left uninstrumented"
+    return f"active when imported ({name} {version}, supported {shown})"
 
 
 def _destination_state(dest: Destination) -> str:

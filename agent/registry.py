@@ -125,6 +125,8 @@ def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
             f"load:{name}", "agent: the %s instrumentation failed to load", name, exc_info=True
         )
         return
+    if declared == "PATCHES" and not _supported(name, instrumentation):
+        return
     applied_now = False
     for patch in patches:
         module = sys.modules.get(patch.module)
@@ -145,6 +147,31 @@ def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
         targets = [f"{p.module}:{p.path}" for p in patches if (p.module, p.path) in _applied]
         what = "instrumented" if declared == "PATCHES" else "kept the API keywords only of"
         _log.debug("agent: %s %s %s (%s)", what, name, target_version(name), ", ".join(targets))
+
+
+def _supported(name: str, instrumentation: Any) -> bool:
+    """Whether the imported library is a version its instrumentation supports; else warn once.
+
+    A version outside the range is left uninstrumented: the agent cannot know that
+    what it wraps still behaves as it expects, and must never break the application.
+    """
+    from agent.instrumentation import describe_supported, supports
+
+    try:
+        version = instrumentation.installed_version()
+        if supports(instrumentation.SUPPORTED, version):
+            return True
+        shown = describe_supported(instrumentation.SUPPORTED)
+    except Exception:
+        version, shown = "of unknown version", "?"
+    _log.log_once(
+        f"unsupported:{name}",
+        "agent: %s %s is not a version the agent supports (%s); it is left uninstrumented",
+        name,
+        version,
+        shown,
+    )
+    return False
 
 
 def _apply(module: ModuleType, patch: Patch) -> bool:

@@ -123,6 +123,15 @@ def test_a_tag_without_a_value_does_not_stop_talisker_run():
     assert proc.stdout == "ran\n"
 
 
+def test_check_shows_each_instrumentations_library_version_and_supported_range():
+    proc = talisker_run("--check")
+    assert proc.returncode == 0, proc.stderr
+    import urllib3
+
+    line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("urllib3 "))
+    assert f"urllib3 {urllib3.__version__}, supported >=1.26,<3" in line
+
+
 SECRETS = ("bob42", "s3", "cr3t")
 
 

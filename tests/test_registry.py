@@ -248,3 +248,53 @@ def test_a_failing_post_import_hook_never_fails_the_import():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "imported urllib3"
     assert "agent: post-import hook failed" in proc.stderr
+
+
+def test_a_library_version_outside_the_supported_range_is_left_alone_with_one_warning():
+    proc = run_python(
+        program(
+            """
+            import agent
+            agent.uninstall()
+            import urllib3, requests
+            import agent.instrumentation.urllib3 as inst
+            inst.SUPPORTED = ((0, 1), (0, 2))  # the installed urllib3 is outside it
+            agent.install()
+            print(json.dumps(report({})))
+            """
+        ),
+        ENV,
+    )
+    assert proc.returncode == 0, proc.stderr
+    state = json.loads(proc.stdout.splitlines()[-1])
+    assert not any(v["ours"] for k, v in state.items() if k.startswith("urllib3"))
+    assert all(v["ours"] for k, v in state.items() if k.startswith("requests"))  # the control
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("agent:")]
+    assert len(warnings) == 1, proc.stderr
+    assert "urllib3 2." in warnings[0] or "urllib3 1." in warnings[0]
+    assert ">=0.1,<0.2" in warnings[0] and "left uninstrumented" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2.9.13 (dt dec pq3 ext lo64)", (2, 9, 13)),
+        ("3.1.3", (3, 1, 3)),
+        ("2.0.0rc1", (2, 0, 0)),
+        ("1.26", (1, 26)),
+        ("garbage", ()),
+    ],
+)
+def test_versions_are_read_as_their_leading_numbers(text, expected):
+    from agent.instrumentation import supports, version_tuple
+
+    assert version_tuple(text) == expected
+    assert supports(((1, 26), (3,)), text) is (expected != () and (1, 26) <= expected < (3,))
+
+
+def test_each_instrumentation_declares_the_versions_it_supports_and_the_installed_one_is_in():
+    from agent.instrumentation import supports
+
+    for name in registry.TARGETS:
+        instrumentation = importlib.import_module(f"agent.instrumentation.{name}")
+        assert supports(instrumentation.SUPPORTED, instrumentation.installed_version()), name

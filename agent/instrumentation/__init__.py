@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 
-__all__ = ["API_TARGETS", "NAMES", "TARGETS", "Patch"]
+__all__ = ["API_TARGETS", "NAMES", "TARGETS", "Patch", "describe_supported", "supports"]
 
 #: instrumentation name -> the modules whose import triggers it, in the order
 #: they are documented.
@@ -60,3 +60,33 @@ class Patch:
 
     def __repr__(self) -> str:
         return f"Patch({self.module}:{self.path})"
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """The leading numbers of a version (``"2.9.13 (dt dec pq3)"`` -> ``(2, 9, 13)``)."""
+    numbers = []
+    for part in text.strip().split("."):
+        digits = ""
+        for c in part:
+            if not c.isdigit():
+                break
+            digits += c
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) < len(part):
+            break  # "0rc1": the rest is a pre-release tag
+    return tuple(numbers)
+
+
+def supports(supported: tuple[tuple[int, ...], tuple[int, ...]], version: str) -> bool:
+    """Whether ``version`` is in ``supported``, ``(lowest, first not supported)``."""
+    found = version_tuple(version)
+    lowest, beyond = supported
+    return bool(found) and lowest <= found < beyond
+
+
+def describe_supported(supported: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
+    """``">=1.26,<3"``."""
+    lowest, beyond = supported
+    return f">={'.'.join(map(str, lowest))},<{'.'.join(map(str, beyond))}"

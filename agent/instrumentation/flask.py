@@ -42,6 +42,17 @@ def _endpoint(environ: dict[str, Any]) -> str | None:
     return endpoint if isinstance(endpoint, str) else None
 
 
+#: The versions of flask this instrumentation supports: ``(lowest, first not supported)``.
+SUPPORTED = ((2, 2), (4,))
+
+
+def installed_version() -> str:
+    """The version of flask imported (from its metadata: ``flask.__version__`` is deprecated)."""
+    from importlib.metadata import version
+
+    return version("flask")
+
+
 PATCHES = (Patch("flask.app", "Flask.wsgi_app", wsgi_app_wrapper),)
 
-__all__ = ["PATCHES"]
+__all__ = ["PATCHES", "SUPPORTED", "installed_version"]

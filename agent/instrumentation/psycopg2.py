@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 
+import psycopg2
 from psycopg2 import extensions
 
 from agent import _log, config, context, metrics, naming
@@ -507,6 +508,22 @@ def _target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
     return postgres.target(kwargs, _dsn_params(args, kwargs))
 
 
+#: The versions of psycopg2 this instrumentation supports: ``(lowest, first not supported)``.
+SUPPORTED = ((2, 9), (3,))
+
+
+def installed_version() -> str:
+    """The version of psycopg2 imported."""
+    return str(getattr(psycopg2, "__version__", ""))
+
+
 PATCHES = (Patch("psycopg2", "connect", connect_wrapper),)
 
-__all__ = ["PATCHES", "ConnectionMixin", "connection_class", "timed_cursor_class"]
+__all__ = [
+    "PATCHES",
+    "SUPPORTED",
+    "ConnectionMixin",
+    "connection_class",
+    "installed_version",
+    "timed_cursor_class",
+]

@@ -12,6 +12,7 @@ Loaded by the registry when ``requests.sessions`` is imported.
 
 from __future__ import annotations
 
+import requests
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import Timeout as RequestsTimeout
 
@@ -125,6 +126,15 @@ def _finish(call: client.Call, request: Any, response: Any, error: BaseException
         _log.log_once("requests-record", "agent: recording a requests call failed", exc_info=True)
 
 
+#: The versions of requests this instrumentation supports: ``(lowest, first not supported)``.
+SUPPORTED = ((2, 28), (3,))
+
+
+def installed_version() -> str:
+    """The version of requests imported."""
+    return str(requests.__version__)
+
+
 PATCHES = (
     Patch("requests.sessions", "Session.send", send_wrapper),
     Patch("requests.sessions", "Session.request", request_wrapper),
@@ -133,4 +143,4 @@ PATCHES = (
 #: still popped, so code written against them keeps working (``registry.API_TARGETS``).
 API_PATCHES = (PATCHES[1],)
 
-__all__ = ["API_PATCHES", "PATCHES", "DeadlineExceeded"]
+__all__ = ["API_PATCHES", "PATCHES", "SUPPORTED", "DeadlineExceeded", "installed_version"]

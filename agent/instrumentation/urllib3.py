@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 
+import urllib3
 from urllib3 import connectionpool as _connectionpool
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
@@ -259,9 +260,18 @@ def _finish(call: client.Call, response: Any, error: BaseException | None) -> No
         _log.log_once("urllib3-record", "agent: recording a urllib3 request failed", exc_info=True)
 
 
+#: The versions of urllib3 this instrumentation supports: ``(lowest, first not supported)``.
+SUPPORTED = ((1, 26), (3,))
+
+
+def installed_version() -> str:
+    """The version of urllib3 imported."""
+    return str(getattr(urllib3, "__version__", ""))
+
+
 PATCHES = (
     Patch("urllib3.connectionpool", "HTTPConnectionPool.urlopen", urlopen_wrapper),
     Patch("urllib3.poolmanager", "PoolManager.urlopen", poolmanager_wrapper),
 )
 
-__all__ = ["PATCHES", "DeadlineExceeded", "HTTPConnectionPool"]
+__all__ = ["PATCHES", "SUPPORTED", "DeadlineExceeded", "HTTPConnectionPool", "installed_version"]
