@@ -1,6 +1,6 @@
 """SQL queries, whatever driver runs them: operation names, error types, the record.
 
-Instrumentation modules (``agent/instrumentation/psycopg2.py``) call
+Instrumentation modules (:mod:`agent.instrumentation.psycopg2`) call
 :func:`operation` and :func:`finish`; this module knows the metrics. No SQL
 text, parameter or password ever becomes a tag or a log line: the only thing
 taken from a statement is its first keyword, from a fixed set.

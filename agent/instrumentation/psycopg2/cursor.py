@@ -1,22 +1,11 @@
-"""psycopg2: timed cursors, deadlines as connect and statement timeouts, query metrics.
+"""psycopg2's cursors: timed ``execute``, ``executemany`` and ``callproc``, bounded by the deadline.
 
-``psycopg2.connect`` is wrapped; the application still gets a real
-``psycopg2.extensions.connection`` (C-level type checks in ``register_type``,
-``quote_ident`` or ``adapt().prepare`` reject proxies). It is an instance of a
-subclass of the application's ``connection_factory`` (or of ``connection``)
-with :class:`ConnectionMixin` just above psycopg2's own class, so factories
-that choose a cursor class (``DictConnection``...) still choose it. The mixin's
-``cursor()`` then swaps whatever class was chosen (the connection's
-``cursor_factory``, a per-call ``cursor_factory=RealDictCursor``, a named cursor)
-for a subclass whose ``execute``, ``executemany`` and ``callproc`` are timed.
-
-Deadlines: see ``docs/postgresql.md``. In short, a statement run under a
-deadline is sent as ``SET LOCAL statement_timeout = <ms>; <statement>`` in the
-same ``execute`` (no extra round trip; the server cancels it when the time is
-up; nothing outlives the transaction), and connecting uses a ``connect_timeout``
-no longer than the time left.
-
-Loaded by the registry when ``psycopg2`` is imported.
+:func:`timed_cursor_class` makes the subclass of whatever cursor class the
+application chose; its statement methods are the per-query hot path. A plain
+statement under a deadline whose session timeout is known gets its ``SET LOCAL``
+prefix inline; anything else takes a slower path that asks the timeout policy
+(:mod:`agent.sql.postgres`). ``cursor.query`` shows the statement without the
+agent's prefix.
 """
 
 from __future__ import annotations
@@ -24,13 +13,11 @@ from __future__ import annotations
 import math
 import time
 
-import psycopg2
 from psycopg2 import extensions
 
-from agent import _log, config, context, metrics, naming
+from agent import config, context, metrics
 from agent.context import DeadlineExceeded
-from agent.instrumentation import Patch
-from agent.sql import postgres, record
+from agent.sql import record
 from agent.sql.postgres import (
     NO_EFFECT,
     State,
@@ -61,7 +48,6 @@ _record_deferred = metrics.record_deferred
 _NOT_PREFIXABLE = record.NOT_PREFIXABLE
 #: Operations the inline path leaves to _bounded: no prefix, or a prefix only sometimes.
 _NOT_INLINE = _NOT_PREFIXABLE | record.OUTSIDE_BLOCK_OPS
-_outside_transaction_only = record.outside_transaction_only
 #: The operation of query strings seen before that have no effect on statement_timeout:
 #: the inline path's cache. Any other statement takes the slower _run_uncommon.
 _plain_ops: dict[str, str] = {}
@@ -69,53 +55,10 @@ _plain_operation = _plain_ops.get
 _PLAIN_LIMIT = 2048
 _ceil = math.ceil
 
-
-class ConnectionMixin(_BaseConnection):
-    """Gives every cursor of the connection timed ``execute``/``executemany``/``callproc``."""
-
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            if len(args) > 1:
-                factory = args[1] or getattr(self, "cursor_factory", None) or _BaseCursor
-                args = (args[0], timed_cursor_class(factory), *args[2:])
-            else:
-                chosen = kwargs.get("cursor_factory") or getattr(self, "cursor_factory", None)
-                factory = chosen or _BaseCursor
-                kwargs["cursor_factory"] = timed_cursor_class(factory)
-        except Exception:
-            _log.log_once(
-                "psycopg2-cursor", "agent: timing a psycopg2 cursor failed", exc_info=True
-            )
-        return _BaseConnection.cursor(self, *args, **kwargs)
-
-    def reset(self) -> None:
-        """psycopg2's ``reset()`` (``ABORT; RESET ALL``...): the agent forgets the timeouts."""
-        state: State | None = getattr(self, "_talisker", None)
-        try:
-            _BaseConnection.reset(self)
-        finally:
-            if state is not None:
-                state.session_ms = state.txn_ms = None
-                state.ours_ms = 0
+__all__ = ["execute_own", "timed_cursor_class"]
 
 
-_connection_classes: dict[type, type] = {}
 _cursor_classes: dict[type, type] = {}
-
-
-def connection_class(factory: type | None) -> type:
-    """The agent's subclass of a connection factory (cached)."""
-    if factory is None or factory is _BaseConnection:
-        return ConnectionMixin
-    cls = _connection_classes.get(factory)
-    if cls is None:
-        cls = type(
-            factory.__name__,
-            (factory, ConnectionMixin),
-            {"__module__": factory.__module__, "__doc__": factory.__doc__},
-        )
-        _connection_classes[factory] = cls
-    return cls
 
 
 def timed_cursor_class(factory: Any) -> Any:
@@ -417,7 +360,7 @@ def _run_callproc(cursor: Any, base: Callable[..., Any], procname: Any, params: 
             after(state, effect)
 
 
-def _execute_own(conn: Any, statement: str, params: Any = None) -> Any:
+def execute_own(conn: Any, statement: str, params: Any = None) -> Any:
     """One statement of the agent's on the application's connection: its first row, if any."""
     cur = _BaseConnection.cursor(conn, cursor_factory=_BaseCursor)  # tuples, whatever the factory
     try:
@@ -425,105 +368,3 @@ def _execute_own(conn: Any, statement: str, params: Any = None) -> Any:
         return cur.fetchone() if cur.description else None
     finally:
         cur.close()
-
-
-# -- connect ---------------------------------------------------------------------
-
-
-def connect_wrapper(
-    wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """Around ``psycopg2.connect``: the agent's connection class, the connect deadline."""
-    if config.current is None or kwargs.get("async_") or kwargs.get("async"):
-        return wrapped(*args, **kwargs)  # asynchronous connections are left alone
-    suppressed = False
-    try:
-        if len(args) > 1:
-            args = (args[0], connection_class(args[1]), *args[2:])
-        else:
-            kwargs["connection_factory"] = connection_class(kwargs.get("connection_factory"))
-        scope = _current_scope()
-        suppressed = scope.suppressed  # still the agent's class: later statements are timed
-        deadline = None if suppressed else scope.deadline
-        if deadline is not None:
-            try:
-                left = _check(deadline, DeadlineExceeded, "; not connecting")
-            except DeadlineExceeded as error:
-                peer, db = _target(args, kwargs)
-                _finish(peer, db, "connect", _perf_counter(), error)
-                raise
-            kwargs["connect_timeout"] = _connect_timeout(args, kwargs, left)
-    except DeadlineExceeded:
-        raise
-    except Exception:
-        _log.log_once(
-            "psycopg2-connect", "agent: preparing a psycopg2 connect failed", exc_info=True
-        )
-    start = _perf_counter()
-    try:
-        conn = wrapped(*args, **kwargs)
-    except Exception as exc:
-        if suppressed:
-            raise
-        try:
-            peer, db = _target(args, kwargs)
-            _finish(peer, db, "connect", start, exc)
-        except Exception:
-            _log.log_once(
-                "psycopg2-record", "agent: recording a failed connect failed", exc_info=True
-            )
-        raise
-    try:
-        info = conn.info
-        conn._talisker = State(
-            naming.peer_name(info.host or "localhost", info.port),
-            info.dbname or "unknown",
-            _execute_own,
-        )
-    except Exception:
-        _log.log_once(
-            "psycopg2-state", "agent: reading a psycopg2 connection failed", exc_info=True
-        )
-    return conn
-
-
-def _connect_timeout(args: tuple[Any, ...], kwargs: dict[str, Any], left: float) -> int:
-    """Whole seconds: the time left, never more than the caller's own connect_timeout."""
-    return postgres.connect_timeout(left, kwargs, _dsn_params(args, kwargs))
-
-
-def _dsn_params(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
-    dsn = args[0] if args else kwargs.get("dsn")
-    if not dsn:
-        return {}
-    try:
-        params: dict[str, str] = extensions.parse_dsn(dsn)
-        return params
-    except Exception:
-        return {}
-
-
-def _target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
-    """``peer`` and ``db`` of a connection that failed: never the password."""
-    return postgres.target(kwargs, _dsn_params(args, kwargs))
-
-
-#: The versions of psycopg2 this instrumentation supports: ``(lowest, first not supported)``.
-SUPPORTED = ((2, 9), (3,))
-
-
-def installed_version() -> str:
-    """The version of psycopg2 imported."""
-    return str(getattr(psycopg2, "__version__", ""))
-
-
-PATCHES = (Patch("psycopg2", "connect", connect_wrapper),)
-
-__all__ = [
-    "PATCHES",
-    "SUPPORTED",
-    "ConnectionMixin",
-    "connection_class",
-    "installed_version",
-    "timed_cursor_class",
-]
