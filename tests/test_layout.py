@@ -132,3 +132,21 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(name):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_map_in_the_design_doc_matches_the_tree():
+    import re
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text.split("## The map", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    named_files = set(re.findall(r"([\w/]+\.py)\b", block))
+    named_dirs = set(re.findall(r"\b(\w+)/", block))
+    files = [p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts]
+    for path in files:
+        if path.name != "__init__.py":
+            assert path.name in {n.rsplit("/", 1)[-1] for n in named_files}, path
+        for part in path.relative_to(PACKAGE).parts[:-1]:
+            assert part in named_dirs, path
+    basenames = {p.name for p in files}
+    for name in named_files:
+        assert name.rsplit("/", 1)[-1] in basenames, f"the map names {name}, not in the tree"
