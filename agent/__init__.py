@@ -14,6 +14,7 @@ from agent.context import (
     deadline,
     deadline_timeout,
     metric_names,
+    priority,
     request_context,
     suppress,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "get_session",
     "install",
     "metric_names",
+    "priority",
     "register_endpoint_name",
     "request_context",
     "request_timeout",

@@ -38,6 +38,7 @@ __all__ = [
     "deadline_timeout",
     "metric_names",
     "new_request_id",
+    "priority",
     "request_context",
     "suppress",
 ]
@@ -107,7 +108,16 @@ class Deadline:
 class Scope:
     """What the current request knows: its id, its deadline, names for its calls."""
 
-    __slots__ = ("_token", "deadline", "peer", "request_id", "suppressed", "view")
+    __slots__ = (
+        "_token",
+        "deadline",
+        "incoming_priority",
+        "peer",
+        "priority",
+        "request_id",
+        "suppressed",
+        "view",
+    )
 
     def __init__(
         self,
@@ -116,17 +126,29 @@ class Scope:
         view: str | None = None,
         peer: str | None = None,
         suppressed: bool = False,
+        priority: str | None = None,
+        incoming_priority: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.deadline = deadline
         self.view = view  # per-call metric name of outgoing calls (`view` tag)
         self.peer = peer  # per-call peer name of outgoing calls (`peer` tag)
         self.suppressed = suppressed  # inside agent.suppress(): calls are not instrumented
+        self.priority = priority  # "high", "normal" or "low", sent on outgoing calls
+        self.incoming_priority = incoming_priority  # the request's own: what rules `priority()`
         self._token: Token[Scope] | None = None  # set by the context manager that pushed it
 
     def replace(self, **changes: Any) -> Scope:
         """A copy with some fields changed."""
-        scope = Scope(self.request_id, self.deadline, self.view, self.peer, self.suppressed)
+        scope = Scope(
+            self.request_id,
+            self.deadline,
+            self.view,
+            self.peer,
+            self.suppressed,
+            self.priority,
+            self.incoming_priority,
+        )
         for name, value in changes.items():
             setattr(scope, name, value)
         return scope
@@ -134,7 +156,8 @@ class Scope:
     def __repr__(self) -> str:
         return (
             f"Scope(request_id={self.request_id!r}, deadline={self.deadline!r}, "
-            f"view={self.view!r}, peer={self.peer!r}, suppressed={self.suppressed!r})"
+            f"view={self.view!r}, peer={self.peer!r}, suppressed={self.suppressed!r}, "
+            f"priority={self.priority!r})"
         )
 
 
@@ -304,6 +327,8 @@ class request_context(_ScopeChange):
             view=scope.view,
             peer=scope.peer,
             suppressed=scope.suppressed,
+            priority=scope.priority,
+            incoming_priority=scope.incoming_priority,
         )
 
 
@@ -342,3 +367,50 @@ class suppress(_ScopeChange):
 
     def _changed(self, scope: Scope) -> Scope:
         return scope.replace(suppressed=True)
+
+
+#: The priorities of ``X-Request-Priority``, as aio-request names them.
+PRIORITIES = ("high", "normal", "low")
+
+
+def parse_priority(value: object) -> str | None:
+    """``high``, ``normal`` or ``low`` (any case, spaces around); anything else is None."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip().lower()
+    return value if value in PRIORITIES else None
+
+
+def outgoing_priority(explicit: str, context_priority: str | None) -> str:
+    """aio-request's rule for an explicit priority under a request's own.
+
+    ``low`` under an incoming ``high``, or ``high`` under an incoming ``low``, is
+    sent as ``normal``: a request cannot demote or promote its calls to the
+    opposite extreme.
+    """
+    if context_priority == "high" and explicit == "low":
+        return "normal"
+    if context_priority == "low" and explicit == "high":
+        return "normal"
+    return explicit
+
+
+class priority(_ScopeChange):
+    """Context manager (or decorator): the priority of the calls made inside it.
+
+    ``agent.priority("high")`` sends ``X-Request-Priority: high`` on outgoing calls
+    (``high``, ``normal`` or ``low``, any case). Inside a request that came with a
+    priority of its own, aio-request's rule applies: ``low`` under ``high`` and
+    ``high`` under ``low`` become ``normal``. Anything else raises ``ValueError``.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        parsed = parse_priority(value)
+        if parsed is None:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {value!r}")
+        self.value = parsed
+
+    def _changed(self, scope: Scope) -> Scope:
+        return scope.replace(priority=outgoing_priority(self.value, scope.incoming_priority))

@@ -9,6 +9,7 @@ where the caller asks for one), never an exception.
 from __future__ import annotations
 
 import math
+import time
 
 from agent import _log
 from agent.context import Deadline, earliest
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from agent.http.client import Call
 
 __all__ = [
+    "PRIORITY_HEADER",
     "TIMEOUT_HEADER",
     "VIEW_HEADER",
     "attempt_headers",
@@ -29,6 +31,7 @@ __all__ = [
     "parse_seconds",
     "request_id_for",
     "sane_id",
+    "seconds_left",
     "view_header",
 ]
 
@@ -37,8 +40,13 @@ __all__ = [
 VIEW_HEADER = "X-View-Name"
 #: Request header with the seconds left (aio-request's relative form).
 TIMEOUT_HEADER = "X-Request-Timeout"
+#: Request header with the request's priority: ``high``, ``normal`` or ``low``.
+PRIORITY_HEADER = "X-Request-Priority"
+_TIMEOUT_LOWER = TIMEOUT_HEADER.lower()
+_PRIORITY_LOWER = PRIORITY_HEADER.lower()
 #: Longest incoming request id kept.
 MAX_ID_LENGTH = 200
+_monotonic = time.monotonic
 
 
 # -- request ids ------------------------------------------------------------------
@@ -141,42 +149,69 @@ def parse_deadline(value: str) -> float | None:
 
 
 def attempt_headers(headers: Any, call: Call, cfg: Config, copy_mapping: Any = None) -> Any:
-    """A copy of ``headers`` with the request id and deadline headers added.
+    """A copy of ``headers`` with the request id, deadline and priority headers added.
 
-    Headers the caller set are never overwritten (matched case-insensitively).
-    The caller's mapping is never mutated. ``copy_mapping`` copies a non-dict
-    mapping that must keep its type (urllib3's multi-valued ``HTTPHeaderDict``).
+    The deadline goes as ``cfg.deadline_header`` (absolute) and ``X-Request-Timeout``
+    (the seconds left now, for this attempt), or one of them, as
+    ``TALISKER_DEADLINE_HEADERS`` says. Headers the caller set are never
+    overwritten (matched case-insensitively). The caller's mapping is never
+    mutated. ``copy_mapping`` copies a non-dict mapping that must keep its type
+    (urllib3's multi-valued ``HTTPHeaderDict``).
     """
     id_name = cfg.id_header
     deadline = call.deadline
+    priority = call.priority
     if not headers:
         new = {id_name: call.request_id}
         if deadline is not None:
-            new[cfg.deadline_header] = deadline.header()
+            mode = cfg.deadline_headers
+            if mode != "relative":
+                new[cfg.deadline_header] = deadline.header()
+            if mode != "absolute":
+                new[TIMEOUT_HEADER] = call.timeout_sent = seconds_left(deadline)
+        if priority is not None:
+            new[PRIORITY_HEADER] = priority
         return new
+    present: Any
     if type(headers) is dict:
         new = headers.copy()
         present = {k.lower() for k in new}
-        has_id = id_name.lower() in present
-        has_deadline = cfg.deadline_header.lower() in present
     else:
         store = getattr(headers, "_store", None)
         if type(store) is dict:
             # requests' CaseInsensitiveDict keeps {lower-case name: (name, value)}:
             # reading it directly is several times cheaper than its Python methods.
-            has_id = id_name.lower() in store
-            has_deadline = cfg.deadline_header.lower() in store
+            present = store
             new = dict(store.values())
         else:
-            # Other case-insensitive mappings (urllib3's HTTPHeaderDict).
-            has_id = id_name in headers
-            has_deadline = cfg.deadline_header in headers
+            # Other case-insensitive mappings (urllib3's HTTPHeaderDict): `in` ignores case.
+            present = headers
             new = copy_mapping(headers) if copy_mapping is not None else dict(headers.items())
-    if not has_id:
+    if id_name.lower() not in present:
         new[id_name] = call.request_id
-    if deadline is not None and not has_deadline:
-        new[cfg.deadline_header] = deadline.header()
+    if deadline is not None:
+        mode = cfg.deadline_headers
+        if mode != "relative" and cfg.deadline_header.lower() not in present:
+            new[cfg.deadline_header] = deadline.header()
+        if mode != "absolute":
+            if _TIMEOUT_LOWER not in present:
+                new[TIMEOUT_HEADER] = call.timeout_sent = seconds_left(deadline)
+            elif call.timeout_sent is not None and new.get(TIMEOUT_HEADER) == call.timeout_sent:
+                # Ours, from the attempt before (urllib3 retries with the headers it was
+                # given): the time left is this attempt's.
+                new[TIMEOUT_HEADER] = call.timeout_sent = seconds_left(deadline)
+    if priority is not None and _PRIORITY_LOWER not in present:
+        new[PRIORITY_HEADER] = priority
     return new
+
+
+def seconds_left(deadline: Deadline) -> str:
+    """``X-Request-Timeout``'s value: the seconds left, to the millisecond, rounded down
+    (the peer's deadline is never later than ours); ``0.000`` once it has passed."""
+    ms = int((deadline.expires - _monotonic()) * 1000.0)
+    if ms <= 0:
+        return "0.000"
+    return f"{ms // 1000}.{ms % 1000:03d}"
 
 
 def view_header(headers: Any) -> str | None:

@@ -245,6 +245,7 @@ def _begin(environ: dict[str, Any], cfg: config.Config, keys: _Keys) -> tuple[Re
         environ.get(keys.id_environ),
         environ.get(keys.deadline_environ),
         environ.get("HTTP_X_REQUEST_TIMEOUT"),
+        environ.get("HTTP_X_REQUEST_PRIORITY"),
     )
     environ["talisker.request"] = request
     environ["REQUEST_ID"] = request.request_id  # talisker's name for it

@@ -73,6 +73,60 @@ def test_outside_a_request_each_logical_request_gets_a_new_id(install_agent, htt
     assert all(r.header("X-Request-Deadline") is None for r in http_server.requests)
 
 
+def test_the_seconds_left_go_as_x_request_timeout_recomputed_at_each_attempt(
+    install_agent, http_server
+):
+    """aio-request servers read only X-Request-Timeout: without it they assume 20 s."""
+    install_agent()
+    retry = Retry(3, status_forcelist=[503], backoff_factor=0.2)
+    with agent.deadline(10):
+        urllib3.PoolManager().request("GET", http_server.url + "/flaky/attempts/2", retries=retry)
+    sent = [float(r.header("X-Request-Timeout")) for r in http_server.requests]
+    assert len(sent) == 3 and all(0 < left <= 10 for left in sent)
+    assert sent == sorted(sent, reverse=True) and sent[-1] < sent[0]  # the time left, each time
+    assert all(len(r.header("X-Request-Timeout").split(".")[1]) == 3 for r in http_server.requests)
+
+
+@pytest.mark.parametrize(
+    ("mode", "absolute", "relative"),
+    [("both", True, True), ("absolute", True, False), ("relative", False, True)],
+)
+def test_which_deadline_headers_are_sent_is_a_setting(
+    install_agent, http_server, mode, absolute, relative
+):
+    install_agent(TALISKER_DEADLINE_HEADERS=mode)
+    with agent.deadline(10):
+        requests.get(http_server.url + "/a")
+        urllib3.PoolManager().request("GET", http_server.url + "/b", headers={"X-Other": "1"})
+    for recorded in http_server.requests:
+        assert (recorded.header("X-Request-Deadline") is not None) is absolute
+        assert (recorded.header("X-Request-Timeout") is not None) is relative
+
+
+def test_the_callers_own_timeout_and_priority_headers_are_kept(install_agent, http_server):
+    install_agent()
+    own = {"x-request-timeout": "99", "X-REQUEST-PRIORITY": "low"}
+    with agent.deadline(10), agent.priority("high"):
+        requests.get(http_server.url + "/a", headers=own)
+        urllib3.PoolManager().request("GET", http_server.url + "/b", headers=own)
+    for recorded in http_server.requests:
+        assert recorded.header("X-Request-Timeout") == "99"
+        assert recorded.header("X-Request-Priority") == "low"
+
+
+def test_a_priority_is_sent_on_outgoing_calls_and_none_without_one(install_agent, http_server):
+    install_agent()
+    requests.get(http_server.url + "/none")
+    with agent.priority("HIGH"):
+        requests.get(http_server.url + "/high")
+        with agent.priority("low"):
+            urllib3.PoolManager().request("GET", http_server.url + "/low")
+    sent = {r.path: r.header("X-Request-Priority") for r in http_server.requests}
+    assert sent == {"/none": None, "/high": "high", "/low": "low"}
+    with pytest.raises(ValueError):
+        agent.priority("urgent")
+
+
 def test_every_attempt_carries_the_same_id_and_the_deadline(install_agent, statsd, http_server):
     install_agent()
     pool = urllib3.PoolManager()

@@ -186,6 +186,55 @@ def test_outgoing_calls_carry_a_deadline_no_later_than_the_incoming_one(install_
     assert upstream.header("X-Request-Deadline") <= incoming
 
 
+@pytest.mark.parametrize(
+    ("incoming", "explicit", "sent"),
+    [
+        ("high", None, "high"),  # passed on
+        ("LOW", None, "low"),  # any case
+        ("high", "low", "normal"),  # aio-request's rule: not to the opposite extreme
+        ("low", "high", "normal"),
+        ("low", "normal", "normal"),
+        ("normal", "high", "high"),
+        ("urgent", None, None),  # garbage is ignored
+        (None, "low", "low"),
+    ],
+)
+def test_the_incoming_priority_is_kept_and_passed_on(
+    install_agent, http_server, incoming, explicit, sent
+):
+    install_agent()
+
+    def app(environ, start_response):
+        if explicit is None:
+            requests.get(http_server.url + "/upstream")
+        else:
+            with agent.priority(explicit):
+                requests.get(http_server.url + "/upstream")
+        start_response("200 OK", [])
+        return [b""]
+
+    headers = {} if incoming is None else {"X-Request-Priority": incoming}
+    with serve(TaliskerMiddleware(app)) as url:
+        assert requests.get(url, headers=headers).status_code == 200
+    (upstream,) = http_server.requests
+    assert upstream.header("X-Request-Priority") == sent
+
+
+def test_an_incoming_relative_timeout_is_passed_on_no_later(install_agent, http_server):
+    install_agent()
+
+    def app(environ, start_response):
+        requests.get(http_server.url + "/upstream")
+        start_response("200 OK", [])
+        return [b""]
+
+    with serve(TaliskerMiddleware(app)) as url:
+        requests.get(url, headers={"X-Request-Timeout": "7.5"})
+    (upstream,) = http_server.requests
+    assert 0 < float(upstream.header("X-Request-Timeout")) <= 7.5
+    assert upstream.header("X-Request-Deadline") <= iso(7.5)
+
+
 # -- what the application sees -----------------------------------------------------
 
 

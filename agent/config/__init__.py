@@ -20,6 +20,7 @@ from agent.config.parsers import (
     INSTRUMENTATIONS,
     InvalidValue,
     parse_bool,
+    parse_deadline_headers,
     parse_endpoint_names,
     parse_header_name,
     parse_host,
@@ -296,6 +297,14 @@ class Config:
         parse_header_name,
         "X-Request-Deadline",
         "Header carrying the absolute deadline.",
+    )
+    deadline_headers = setting(
+        "TALISKER_DEADLINE_HEADERS",
+        parse_deadline_headers,
+        "both",
+        "Deadline headers sent on outgoing calls: `absolute` (the deadline header, an "
+        "ISO 8601 time), `relative` (`X-Request-Timeout`, the seconds left, as aio-request "
+        "reads it) or `both`.",
     )
     compose_request_id = setting(
         "TALISKER_COMPOSE_REQUEST_ID",

@@ -186,6 +186,14 @@ def parse_timing_type(raw: str) -> str:
     return value
 
 
+def parse_deadline_headers(raw: str) -> str:
+    """``absolute``, ``relative`` or ``both``."""
+    value = raw.strip().lower()
+    if value not in ("absolute", "relative", "both"):
+        raise InvalidValue("absolute, relative or both")
+    return value
+
+
 def parse_tags(raw: str) -> tuple[str, ...]:
     """``key:value`` pairs or bare ``key`` tags, separated by commas or spaces.
 

@@ -51,8 +51,10 @@ class Call:
         "deadline_bound",
         "method",
         "peer",
+        "priority",
         "request_id",
         "start",
+        "timeout_sent",
         "view",
     )
 
@@ -63,12 +65,15 @@ class Call:
         method: str,
         view: str | None = None,
         peer: str | None = None,
+        priority: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.deadline = deadline
         self.method = method
         self.view = view  # per-call name (metric_names / metric_api_name)
         self.peer = peer  # per-call name, else set by the first attempt
+        self.priority = priority  # sent as X-Request-Priority
+        self.timeout_sent: str | None = None  # the X-Request-Timeout of the last attempt
         self.attempts = 0
         self.deadline_bound = False  # an attempt's timeout was cut to the deadline
         self.start = _perf_counter()
@@ -97,6 +102,7 @@ def begin(method: str) -> Call | None:
         method.upper(),
         scope.view,
         scope.peer,
+        scope.priority,
     )
 
 

@@ -68,6 +68,7 @@ def begin(
     incoming_id: str | None,
     deadline_header: str | None,
     timeout_header: str | None,
+    priority_header: str | None = None,
 ) -> tuple[Request, Scope]:
     """The record and the scope of a request that came with these header values."""
     request_id = _new_request_id()
@@ -76,12 +77,19 @@ def begin(
     deadline = None
     if deadline_header is not None or timeout_header is not None or cfg.request_timeout:
         deadline = _incoming_deadline(cfg, deadline_header, timeout_header)
-    return Request(request_id, method, cfg.soft_request_timeout), Scope(request_id, deadline)
+    priority = None
+    if priority_header is not None:
+        priority = _parse_priority(priority_header)
+        if priority is None:
+            _log.debug("agent: ignoring an unusable %s header", propagation.PRIORITY_HEADER)
+    scope = Scope(request_id, deadline, None, None, False, priority, priority)
+    return Request(request_id, method, cfg.soft_request_timeout), scope
 
 
 _new_request_id = context.new_request_id
 _request_id_for = propagation.request_id_for
 _incoming_deadline = propagation.incoming_deadline
+_parse_priority = context.parse_priority
 
 
 def finish(request: Request) -> None:
