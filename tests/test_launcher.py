@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support.proc import ROOT, clean_env
+from tests.support.proc import ROOT, clean_env, free_port
 
 BIN = Path(sys.executable).parent
 TALISKER_RUN = str(BIN / "talisker-run")
@@ -345,12 +344,6 @@ def hello():
     assert session is agent.get_session()
     return session.get(UPSTREAM + "/upstream").text
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_gunicorn_with_two_workers_serving_flask(tmp_path, statsd, http_server):
