@@ -627,3 +627,67 @@ def test_get_session_of_another_class():
     assert isinstance(mine, MySession)
     assert agent.get_session(MySession) is mine
     assert agent.get_session() is not mine
+
+
+# -- retries under a deadline ---------------------------------------------------------
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The waits the agent makes between attempts (really made, and recorded)."""
+    from agent.instrumentation import urllib3 as instrumentation
+
+    made: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        made.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(instrumentation, "_sleep", sleep)
+    return made
+
+
+def test_a_retry_after_past_the_deadline_fails_at_once_without_waiting(
+    install_agent, statsd, http_server, sleeps
+):
+    install_agent()
+    started = time.monotonic()
+    with agent.deadline(1), pytest.raises(agent.DeadlineExceeded) as raised:
+        urllib3.PoolManager().request("GET", http_server.url + "/busy/a/1/5")  # urllib3's Retry
+    assert time.monotonic() - started < 5  # it did not wait the 5 s asked for
+    assert isinstance(raised.value, urllib3.exceptions.TimeoutError)
+    assert sleeps == [] and len(http_server.requests) == 1
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(3, status_forcelist=[429])))
+    with agent.deadline(1), pytest.raises(requests.exceptions.Timeout):  # requests' flavour
+        session.get(http_server.url + "/busy/b/1/5")
+    assert sleeps == [] and len(http_server.requests) == 2
+    assert agent.flush(5)
+    statsd.wait_for(lambda: statsd.total("talisker.requests.errors", type="deadline") >= 2)
+
+
+def test_a_backoff_past_the_deadline_stops_the_retries(install_agent, http_server, sleeps):
+    install_agent()
+    retry = Retry(5, status_forcelist=[503], backoff_factor=30)  # 0 s, then 60 s
+    with agent.deadline(20), pytest.raises(agent.DeadlineExceeded):
+        urllib3.PoolManager().request("GET", http_server.url + "/flaky/c/9", retries=retry)
+    assert len(http_server.requests) == 2  # the first retry waits nothing; the next would
+    assert all(wait < 20 for wait in sleeps)
+
+
+def test_under_a_deadline_a_retry_after_waits_at_most_the_setting(
+    install_agent, http_server, sleeps
+):
+    install_agent(TALISKER_RETRY_AFTER_MAX="0.05")
+    with agent.deadline(30):
+        response = urllib3.PoolManager().request("GET", http_server.url + "/busy/d/1/5")
+    assert response.status == 200 and len(http_server.requests) == 2
+    assert sleeps == [0.05]
+
+
+def test_outside_a_deadline_the_applications_retry_is_untouched(install_agent, http_server, sleeps):
+    install_agent()
+    started = time.monotonic()
+    response = urllib3.PoolManager().request("GET", http_server.url + "/busy/e/1/1")
+    assert response.status == 200 and len(http_server.requests) == 2
+    assert sleeps == [] and time.monotonic() - started >= 1  # urllib3 waited the Retry-After

@@ -306,6 +306,14 @@ class Config:
         "ISO 8601 time), `relative` (`X-Request-Timeout`, the seconds left, as aio-request "
         "reads it) or `both`.",
     )
+    retry_after_max = setting(
+        "TALISKER_RETRY_AFTER_MAX",
+        parse_positive_seconds,
+        10.0,
+        "Seconds: under a deadline, the longest a retry waits for a `Retry-After` (longer "
+        "ones wait this long); a wait that would end after the deadline is not made.",
+        unit="s",
+    )
     compose_request_id = setting(
         "TALISKER_COMPOSE_REQUEST_ID",
         parse_bool,

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["API_TARGETS", "NAMES", "TARGETS", "Patch", "describe_supported", "supports"]
 
 #: instrumentation name -> the modules whose import triggers it, in the order
-#: they are documented.
+#: they are documented. An instrumentation may also patch modules that these
+#: import first (urllib3's ``util.retry``): they are patched when it goes in.
 TARGETS: dict[str, tuple[str, ...]] = {
     "urllib3": ("urllib3.connectionpool", "urllib3.poolmanager"),
     "requests": ("requests.sessions",),

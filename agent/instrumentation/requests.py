@@ -47,7 +47,7 @@ def send_wrapper(
         _check_deadline(call, request)
         try:
             return wrapped(*args, **kwargs)
-        except RequestsConnectionError as exc:
+        except Exception as exc:
             deadline_error = _deadline_error(exc)
             if deadline_error is not None:
                 raise deadline_error from exc
@@ -108,6 +108,8 @@ def _deadline_error(exc: BaseException) -> DeadlineExceeded | None:
     """The requests-style error for a deadline that urllib3 saw pass (requests wraps it)."""
     if isinstance(exc, DeadlineExceeded):
         return None
+    if isinstance(exc, context.DeadlineExceeded):  # urllib3's, raised before a retry's wait
+        return DeadlineExceeded(str(exc))
     inner = exc.args[0] if exc.args else None
     if isinstance(exc, RequestsConnectionError) and isinstance(inner, context.DeadlineExceeded):
         return DeadlineExceeded(str(inner))

@@ -13,6 +13,7 @@ Loaded by the registry when ``urllib3.connectionpool`` is imported.
 from __future__ import annotations
 
 import socket
+import time
 
 import urllib3
 from urllib3 import connectionpool as _connectionpool
@@ -269,9 +270,51 @@ def installed_version() -> str:
     return str(getattr(urllib3, "__version__", ""))
 
 
+def retry_sleep_wrapper(
+    wrapped: Callable[..., Any], retry: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``Retry.sleep``: under a deadline, a wait that would end after it is not made.
+
+    Whoever configured the ``Retry`` (the application, requests' adapter, urllib3's
+    default): before a backoff or a ``Retry-After`` wait, if the wait would end
+    after the deadline, the call stops at once with :class:`DeadlineExceeded`,
+    without sleeping. Under a deadline a ``Retry-After`` waits at most
+    ``TALISKER_RETRY_AFTER_MAX``. Outside a deadline the ``Retry`` is untouched.
+    """
+    cfg = config.current
+    call = _current_call()
+    deadline = call.deadline if call is not None else _current_scope().deadline
+    if cfg is None or deadline is None:
+        return wrapped(*args, **kwargs)
+    try:
+        response = args[0] if args else kwargs.get("response")
+        wait = None
+        if retry.respect_retry_after_header and response is not None:
+            after = retry.get_retry_after(response)
+            if after:
+                wait = min(float(after), cfg.retry_after_max)
+        if wait is None:
+            wait = float(retry.get_backoff_time())
+    except Exception:
+        _log.log_once("urllib3-retry", "agent: reading a urllib3 Retry failed", exc_info=True)
+        return wrapped(*args, **kwargs)
+    left = _time_left(deadline, DeadlineExceeded, "; not retried")
+    if wait >= left:
+        raise DeadlineExceeded(
+            f"a retry would wait {wait:.3f}s, past the deadline ({left:.3f}s left); not retried"
+        )
+    if wait > 0:
+        _sleep(wait)
+    return None
+
+
+_sleep = time.sleep
+_current_scope = context.current
+
 PATCHES = (
     Patch("urllib3.connectionpool", "HTTPConnectionPool.urlopen", urlopen_wrapper),
     Patch("urllib3.poolmanager", "PoolManager.urlopen", poolmanager_wrapper),
+    Patch("urllib3.util.retry", "Retry.sleep", retry_sleep_wrapper),
 )
 
 __all__ = ["PATCHES", "SUPPORTED", "DeadlineExceeded", "HTTPConnectionPool", "installed_version"]

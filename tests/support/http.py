@@ -6,6 +6,8 @@ Paths choose behaviour, so one server serves every scenario:
 - ``/delay/<seconds>``: sleep, then 200;
 - ``/view/<name>``: 200 with ``X-View-Name: <name>``;
 - ``/flaky/<key>/<n>``: 503 for the first ``n`` requests of ``key``, then 200;
+- ``/busy/<key>/<n>/<seconds>``: 429 with ``Retry-After: <seconds>`` for the first
+  ``n`` requests of ``key``, then 200;
 - ``/redirect/<n>``: redirect ``n`` times, then 200;
 - ``/reset``: close the connection without answering;
 - ``/reset-once/<key>``: that for the first request of ``key``, then 200;
@@ -91,6 +93,10 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "flaky":
             if self.server.hit(parts[1]) <= int(parts[2]):
                 return Route(status=503, body=b"try again")
+            return Route()
+        if kind == "busy":
+            if self.server.hit(parts[1]) <= int(parts[2]):
+                return Route(status=429, body=b"busy", headers={"Retry-After": parts[3]})
             return Route()
         if kind == "redirect":
             left = int(parts[1])
