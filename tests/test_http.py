@@ -629,6 +629,30 @@ def test_get_session_of_another_class():
     assert agent.get_session() is not mine
 
 
+def test_each_retry_is_counted_with_its_reason_and_the_backoff_is_timed(
+    install_agent, statsd, http_server
+):
+    install_agent()
+    retry = Retry(3, status_forcelist=[503], backoff_factor=0.05)  # 0 s, then 0.1 s
+    with agent.deadline(30):
+        urllib3.PoolManager().request("GET", http_server.url + "/flaky/why/2", retries=retry)
+    requests.get(http_server.url + "/redirect/2")  # requests follows them: two attempts more
+    urllib3.PoolManager().request("GET", http_server.url + "/redirect/1")  # urllib3 does
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(2)))
+    session.get(http_server.url + "/reset-once/errno")  # a connection error, then 200
+    sent(statsd)
+    statsd.wait_for(lambda: statsd.total(RETRIES) >= 6)
+    assert statsd.total(RETRIES, reason="503") == 2
+    assert statsd.total(RETRIES, reason="redirect") == 3
+    (error_reason,) = {m.tag("reason") for m in statsd.find(RETRIES)} - {"503", "redirect"}
+    assert error_reason in ("ECONNRESET", "EPIPE")  # an errno name, as in requests.errors
+    assert statsd.total(RETRIES) == 6
+    backoff = statsd.find("talisker.requests.backoff")
+    assert len(backoff) == 1 and backoff[0].type == "d" and backoff[0].value >= 100
+    assert backoff[0].tag("peer") and backoff[0].tag("reason") is None
+
+
 # -- retries under a deadline ---------------------------------------------------------
 
 

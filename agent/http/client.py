@@ -47,11 +47,14 @@ class Call:
 
     __slots__ = (
         "attempts",
+        "backoff_ms",
         "deadline",
         "deadline_bound",
         "method",
+        "next_reason",
         "peer",
         "priority",
+        "reasons",
         "request_id",
         "start",
         "timeout_sent",
@@ -75,6 +78,9 @@ class Call:
         self.priority = priority  # sent as X-Request-Priority
         self.timeout_sent: str | None = None  # the X-Request-Timeout of the last attempt
         self.attempts = 0
+        self.reasons: list[str] | None = None  # why each extra attempt was made
+        self.next_reason: str | None = None  # the next attempt's, when its layer knows it
+        self.backoff_ms = 0.0  # time slept between attempts
         self.deadline_bound = False  # an attempt's timeout was cut to the deadline
         self.start = _perf_counter()
 
@@ -153,9 +159,39 @@ def finish(call: Call, status: int | None, headers: Any, error: BaseException | 
             elapsed_ms,
             kind,
             code,
-            call.attempts - 1,
+            None if call.attempts <= 1 else _retry_reasons(call),
+            call.backoff_ms,
         ),
     )
+
+
+def retried(call: Call, history: Any) -> None:
+    """Note why the attempt about to be made is one: from the layer that knows
+    (``call.next_reason``, a redirect followed by requests), else from urllib3's
+    ``Retry.history``: the last entry's redirect, status or error."""
+    reason = call.next_reason
+    call.next_reason = None
+    if reason is None:
+        reason = "unknown"
+        if history:
+            last = history[-1]
+            if getattr(last, "redirect_location", None):
+                reason = "redirect"
+            elif getattr(last, "status", None):
+                reason = str(last.status)
+            elif isinstance(getattr(last, "error", None), BaseException):
+                reason = classify_error(last.error)[1]
+    if call.reasons is None:
+        call.reasons = [reason]
+    else:
+        call.reasons.append(reason)
+
+
+def _retry_reasons(call: Call) -> tuple[str, ...]:
+    """One reason per extra attempt (``unknown`` where no layer said)."""
+    extra = call.attempts - 1
+    reasons = call.reasons or []
+    return (*reasons[:extra], *["unknown"] * (extra - len(reasons)))
 
 
 def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
@@ -167,7 +203,8 @@ def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any
     counts: dict[tuple[Any, ...], list[Any]] = {}
     errors: dict[tuple[Any, ...], int] = {}
     retries: dict[tuple[Any, ...], int] = {}
-    for peer, view, method, status, elapsed_ms, kind, code, extra_attempts in payloads:
+    backoffs: dict[tuple[Any, ...], list[float]] = {}
+    for peer, view, method, status, elapsed_ms, kind, code, reasons, backoff_ms in payloads:
         key = (peer, view, method, status)
         samples = counts.get(key)
         if samples is None:
@@ -177,9 +214,12 @@ def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any
         if kind is not None:
             error_key = (peer, view, method, kind, code)
             errors[error_key] = errors.get(error_key, 0) + 1
-        if extra_attempts > 0:
-            retry_key = (peer, view, method)
-            retries[retry_key] = retries.get(retry_key, 0) + extra_attempts
+        if reasons is not None:
+            for reason in reasons:
+                retry_key = (peer, view, method, reason)
+                retries[retry_key] = retries.get(retry_key, 0) + 1
+            if backoff_ms > 0:
+                backoffs.setdefault((peer, view, method), []).append(backoff_ms)
     records: list[tuple[int, str, Any, Any]] = []
     for (peer, view, method, status), samples in counts.items():
         tags = (("peer", peer), ("view", view), ("method", method), ("status", status))
@@ -194,7 +234,10 @@ def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any
             ("code", code),
         )
         records.append((_COUNT, "requests.errors", n, error_tags))
-    for (peer, view, method), n in retries.items():
-        retry_tags = (("peer", peer), ("view", view), ("method", method))
+    for (peer, view, method, reason), n in retries.items():
+        retry_tags = (("peer", peer), ("view", view), ("method", method), ("reason", reason))
         records.append((_COUNT, "requests.retries", n, retry_tags))
+    for (peer, view, method), slept in backoffs.items():
+        backoff_tags = (("peer", peer), ("view", view), ("method", method))
+        records.append((_TIMING, "requests.backoff", slept, backoff_tags))
     return records

@@ -44,6 +44,7 @@ def send_wrapper(
     request = args[0] if args else kwargs.get("request")
     call = client.current_call()
     if call is not None:  # a redirect, followed inside the outer send
+        call.next_reason = "redirect"
         _check_deadline(call, request)
         try:
             return wrapped(*args, **kwargs)

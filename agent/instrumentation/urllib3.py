@@ -46,7 +46,8 @@ _enter = client.enter
 _end = client.end
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NO_KWARGS: dict[str, Any] = {}
-_HEADERS, _TIMEOUT = 3, 7  # positions in urlopen(method, url, body, headers, retries, ...)
+# positions in urlopen(method, url, body, headers, retries, redirect, assert_same_host, timeout)
+_HEADERS, _RETRIES, _TIMEOUT = 3, 4, 7
 
 
 class DeadlineExceeded(context.DeadlineExceeded, Urllib3TimeoutError):
@@ -146,6 +147,9 @@ def _attempt(
         left = _time_left(deadline, DeadlineExceeded, "; request not sent")
     try:
         call.attempts += 1
+        if call.attempts > 1:
+            retries = args[_RETRIES] if len(args) > _RETRIES else kwargs.get("retries")
+            client.retried(call, getattr(retries, "history", None))
         if len(args) > _HEADERS:
             headers = args[_HEADERS]
             new_headers = propagation.attempt_headers(
@@ -285,7 +289,15 @@ def retry_sleep_wrapper(
     call = _current_call()
     deadline = call.deadline if call is not None else _current_scope().deadline
     if cfg is None or deadline is None:
-        return wrapped(*args, **kwargs)
+        if call is None:
+            return wrapped(*args, **kwargs)
+        start = _perf_counter()
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            slept = _perf_counter() - start
+            if slept >= 0.001:  # a wait, not a Retry that had none to make
+                call.backoff_ms += slept * 1000.0
     try:
         response = args[0] if args else kwargs.get("response")
         wait = None
@@ -305,10 +317,13 @@ def retry_sleep_wrapper(
         )
     if wait > 0:
         _sleep(wait)
+        if call is not None:
+            call.backoff_ms += wait * 1000.0
     return None
 
 
 _sleep = time.sleep
+_perf_counter = time.perf_counter
 _current_scope = context.current
 
 PATCHES = (
