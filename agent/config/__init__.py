@@ -33,6 +33,7 @@ from agent.config.parsers import (
     parse_positive_int,
     parse_positive_seconds,
     parse_prefix,
+    parse_retry_policy,
     parse_tags,
     parse_timing_type,
     redact,
@@ -313,6 +314,14 @@ class Config:
         "Seconds: under a deadline, the longest a retry waits for a `Retry-After` (longer "
         "ones wait this long); a wait that would end after the deadline is not made.",
         unit="s",
+    )
+    retry_policy: dict[str, int] = setting(
+        "TALISKER_RETRY_POLICY",
+        parse_retry_policy,
+        {},
+        "Opt-in retries of the agent's: `peer:retries` pairs, `*` for any other peer "
+        "(`users-api:3,*:0`). Replaces only the library's default retries; see resilience.",
+        shown_default="empty",
     )
     compose_request_id = setting(
         "TALISKER_COMPOSE_REQUEST_ID",

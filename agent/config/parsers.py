@@ -194,6 +194,32 @@ def parse_deadline_headers(raw: str) -> str:
     return value
 
 
+def parse_retry_policy(raw: str) -> dict[str, int]:
+    """``peer:retries`` pairs separated by commas; ``*`` is any other peer."""
+    policy: dict[str, int] = {}
+    bad = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        peer, sep, count = item.strip().rpartition(":")
+        peer = peer.strip()
+        try:
+            retries = int(count.strip())
+        except ValueError:
+            retries = -1
+        if not sep or not peer or not 0 <= retries <= 10:
+            bad.append(item.strip())
+            continue
+        policy[peer] = retries
+    if bad:
+        raise InvalidValue(
+            "peer:retries pairs (0 to 10) separated by commas, * for any other peer",
+            salvaged=policy,
+            bad_items=tuple(bad),
+        )
+    return policy
+
+
 def parse_tags(raw: str) -> tuple[str, ...]:
     """``key:value`` pairs or bare ``key`` tags, separated by commas or spaces.
 

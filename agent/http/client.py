@@ -48,6 +48,7 @@ class Call:
     __slots__ = (
         "attempts",
         "backoff_ms",
+        "budget",
         "deadline",
         "deadline_bound",
         "method",
@@ -81,6 +82,7 @@ class Call:
         self.reasons: list[str] | None = None  # why each extra attempt was made
         self.next_reason: str | None = None  # the next attempt's, when its layer knows it
         self.backoff_ms = 0.0  # time slept between attempts
+        self.budget: Any = None  # the retry budget of its peer, under a retry policy
         self.deadline_bound = False  # an attempt's timeout was cut to the deadline
         self.start = _perf_counter()
 
@@ -149,6 +151,8 @@ def finish(call: Call, status: int | None, headers: Any, error: BaseException | 
         kind, code = "http", str(status)
     else:
         kind = code = None
+    if call.budget is not None and kind is None and status != 429:
+        call.budget.success()
     _record_deferred(
         expand_requests,
         (

@@ -12,17 +12,20 @@ Loaded by the registry when ``urllib3.connectionpool`` is imported.
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
 import urllib3
 from urllib3 import connectionpool as _connectionpool
 from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
+from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
-from agent import _log, config, context, naming, propagation
-from agent.http import client
+from agent import _log, config, context, metrics, naming, propagation
+from agent.http import client, retry
 from agent.instrumentation import Patch
 
 try:  # 1.26 and 2.x both have it; the import keeps working if it moves
@@ -150,6 +153,8 @@ def _attempt(
         if call.attempts > 1:
             retries = args[_RETRIES] if len(args) > _RETRIES else kwargs.get("retries")
             client.retried(call, getattr(retries, "history", None))
+        elif cfg.retry_policy:
+            args, kwargs = _apply_policy(cfg, call, pool, args, kwargs)
         if len(args) > _HEADERS:
             headers = args[_HEADERS]
             new_headers = propagation.attempt_headers(
@@ -172,6 +177,106 @@ def _attempt(
     except Exception:
         _log.log_once("urllib3-attempt", "agent: preparing a urllib3 request failed", exc_info=True)
     return wrapped(*args, **kwargs)
+
+
+def _apply_policy(
+    cfg: Config, call: client.Call, pool: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The first attempt of a call to a peer under TALISKER_RETRY_POLICY: if it has the
+    library's default retries, the policy's instead (a Retry of the application's stays)."""
+    count = retry.retries_for(cfg.retry_policy, call.peer)
+    if count is None:
+        return args, kwargs
+    given = args[_RETRIES] if len(args) > _RETRIES else kwargs.get("retries")
+    if not _is_default_retry(given, pool):
+        return args, kwargs
+    budget = retry.budget_for(call.peer or "unknown")
+    call.budget = budget
+    policy = PolicyRetry.for_policy(count, budget, call)
+    if len(args) > _RETRIES:
+        return (*args[:_RETRIES], policy, *args[_RETRIES + 1 :]), kwargs
+    kwargs["retries"] = policy
+    return args, kwargs
+
+
+def _is_default_retry(given: Any, pool: Any) -> bool:
+    """urllib3's default (none given, the pool's is ``Retry.DEFAULT``) or requests' own
+    (``Retry(0, read=False)``, what its adapter passes unless given ``max_retries``)."""
+    if given is None:
+        given = pool.retries
+    if given is Retry.DEFAULT:
+        return True
+    return (
+        type(given) is Retry
+        and given.total == 0
+        and given.read is False
+        and given.connect is None
+        and given.status is None
+        and not given.status_forcelist
+        and not given.history
+        and given.backoff_factor == 0
+    )
+
+
+class PolicyRetry(Retry):
+    """The retries of TALISKER_RETRY_POLICY (see :mod:`agent.http.retry`)."""
+
+    _talisker: tuple[Any, Any] | None = None  # (budget, call)
+
+    @classmethod
+    def for_policy(cls, count: int, budget: Any, call: client.Call) -> PolicyRetry:
+        policy = cls(
+            total=count,
+            connect=count,
+            read=count,
+            status=count,
+            redirect=None,
+            allowed_methods=retry.IDEMPOTENT_METHODS,
+            status_forcelist=retry.RETRY_STATUSES,
+            raise_on_status=False,  # the last response is returned, as without retries
+            respect_retry_after_header=True,
+        )
+        policy._talisker = (budget, call)
+        return policy
+
+    def new(self, **kw: Any) -> Any:
+        made = super().new(**kw)
+        made._talisker = self._talisker
+        return made
+
+    def get_backoff_time(self) -> float:
+        """Full jitter: uniform in ``[0, min(cap, base * 2^(n-1)))`` before the n-th retry."""
+        errors = 0
+        for entry in reversed(self.history):
+            if entry.redirect_location is not None:
+                break
+            errors += 1
+        if errors == 0:
+            return 0.0
+        return float(_random() * min(retry.BACKOFF_CAP, retry.BACKOFF_BASE * 2 ** (errors - 1)))
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> Any:
+        redirect = response is not None and bool(response.get_redirect_location())
+        if not redirect and self._talisker is not None:
+            if response is not None and response.headers.get(retry.DO_NOT_RETRY):
+                raise MaxRetryError(_pool, url or "", error or ResponseError("X-Do-Not-Retry"))
+            budget, call = self._talisker
+            if not budget.failure():
+                metrics.count(
+                    "requests.retries_throttled",
+                    1,
+                    (("peer", call.peer or "unknown"), ("method", call.method)),
+                )
+                raise MaxRetryError(_pool, url or "", error or ResponseError("retry budget"))
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 def _cut_timeout(timeout: Any, pool: Any, left: float, call: client.Call) -> Any:
@@ -323,6 +428,7 @@ def retry_sleep_wrapper(
 
 
 _sleep = time.sleep
+_random = random.random
 _perf_counter = time.perf_counter
 _current_scope = context.current
 
