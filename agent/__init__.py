@@ -25,12 +25,14 @@ if TYPE_CHECKING:
 
     from agent import wsgi as wsgi
     from agent.config import Config
+    from agent.http.breaker import CircuitOpen
     from agent.metrics.timed import timed
     from agent.naming import register_endpoint_name
     from agent.sessions import get_session
     from agent.wsgi import request_timeout
 
 __all__ = [
+    "CircuitOpen",
     "DeadlineExceeded",
     "__version__",
     "deadline",
@@ -120,6 +122,7 @@ def flush(timeout: float = 2.0) -> bool:
 
 
 _LAZY = {
+    "CircuitOpen": ("agent.http.breaker", "CircuitOpen"),
     "get_session": ("agent.sessions", "get_session"),
     "register_endpoint_name": ("agent.naming", "register_endpoint_name"),
     "request_timeout": ("agent.wsgi", "request_timeout"),

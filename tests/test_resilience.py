@@ -109,3 +109,147 @@ def test_successes_refill_the_budget(install_agent, http_server):
     for _ in range(10):
         requests.get(http_server.url + "/ok")
     assert budget.tokens == pytest.approx(min(10.0, drained + 1.0))
+
+
+# -- the circuit breaker ---------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fresh_breakers(monkeypatch):
+    from agent.http import breaker
+
+    monkeypatch.setattr(breaker, "_breakers", {})
+
+
+ERRORS = "talisker.requests.errors"
+
+
+def breaker_of(netloc):
+    from agent.http import breaker
+
+    return breaker._breakers[netloc]
+
+
+def test_the_circuit_opens_at_the_threshold_and_calls_then_fail_before_connecting(
+    install_agent, statsd, http_server, caplog
+):
+    install_agent(TALISKER_CIRCUIT_BREAKER=f"{http_server.netloc}=0.5/4/30/10")
+    for _ in range(4):
+        assert requests.get(http_server.url + "/status/503").status_code == 503
+    assert len(http_server.requests) == 4
+    with pytest.raises(requests.exceptions.ConnectionError) as through_requests:
+        requests.get(http_server.url + "/ok")
+    assert isinstance(through_requests.value, agent.CircuitOpen)
+    with pytest.raises(urllib3.exceptions.MaxRetryError) as through_urllib3:
+        urllib3.PoolManager().request("GET", http_server.url + "/ok")
+    assert isinstance(through_urllib3.value, agent.CircuitOpen)
+    assert isinstance(through_urllib3.value, ConnectionError)
+    assert len(http_server.requests) == 4  # nothing was sent
+    flushed(statsd, ERRORS, 6)
+    assert statsd.total(ERRORS, type="circuit", code="open") == 2
+    (state,) = statsd.find("talisker.circuit.state")
+    assert state.type == "g" and state.value == 2 and state.tag("peer") == http_server.netloc
+    warnings = [r.getMessage() for r in caplog.records if "circuit" in r.getMessage()]
+    assert warnings == [f"agent: the circuit to {http_server.netloc} is open (was closed)"]
+
+
+def test_4xx_are_successes_and_below_the_minimum_nothing_opens(install_agent, http_server):
+    install_agent(TALISKER_CIRCUIT_BREAKER="*=0.5/4/30/10")
+    for path in ("/status/404", "/status/429", "/status/400", "/status/502"):
+        requests.get(http_server.url + path)  # 2 failures of 4: 0.5, opens
+    assert breaker_of(http_server.netloc).state == 2
+    install_agent(TALISKER_CIRCUIT_BREAKER="*=0.5/10/30/10")
+    other = f"127.0.0.1:{closed_port()}"
+    for _ in range(9):
+        with pytest.raises(requests.exceptions.ConnectionError) as raised:
+            requests.get(f"http://{other}/")
+        assert not isinstance(raised.value, agent.CircuitOpen)  # refused, 9 of a minimum 10
+
+
+def test_after_the_break_exactly_one_probe_is_sent_and_its_success_closes(
+    install_agent, http_server, caplog
+):
+    install_agent(TALISKER_CIRCUIT_BREAKER="*=0.5/2/0.2/10")
+    for _ in range(2):
+        requests.get(http_server.url + "/status/503")
+    circuit = breaker_of(http_server.netloc)
+    assert circuit.state == 2
+    import threading
+    import time
+
+    time.sleep(0.3)  # the break is over: the next call is the probe
+    probe_started = threading.Event()
+    results: list[object] = []
+
+    def probe():
+        probe_started.set()
+        results.append(requests.get(http_server.url + "/delay/1").status_code)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    assert probe_started.wait(5)
+    while circuit.state != 1:  # half-open once the probe is let through
+        time.sleep(0.01)
+    refused = 0
+    for _ in range(20):  # while it is in flight, the others still fail fast
+        try:
+            requests.get(http_server.url + "/ok")
+        except agent.CircuitOpen:
+            refused += 1
+    prober.join(10)
+    assert results == [200] and refused == 20
+    assert [r.path for r in http_server.requests[2:]] == ["/delay/1"]  # exactly one probe
+    assert circuit.state == 0
+    assert requests.get(http_server.url + "/ok").status_code == 200  # closed again
+    changes = [r.getMessage() for r in caplog.records if "circuit" in r.getMessage()]
+    assert [m.rsplit(" is ", 1)[1] for m in changes] == [
+        "open (was closed)",
+        "half-open (was open)",
+        "closed (was half-open)",
+    ]
+
+
+def test_many_threads_see_consistent_states_and_one_warning_per_change(
+    install_agent, http_server, caplog
+):
+    import threading
+
+    install_agent(TALISKER_CIRCUIT_BREAKER="*=0.5/4/0.02/10")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def hammer(n):
+        session = requests.Session()
+        path = "/status/503" if n % 2 else "/ok"
+        while not stop.is_set():
+            try:
+                session.get(http_server.url + path)
+            except agent.CircuitOpen:
+                pass
+            except BaseException as exc:  # anything else is a failure of the test
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    import time
+
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    changes = [r.getMessage() for r in caplog.records if "the circuit to" in r.getMessage()]
+    assert len(changes) >= 3  # it opened, was probed, and changed again
+    allowed = {
+        ("closed", "open"),
+        ("open", "half-open"),
+        ("half-open", "open"),
+        ("half-open", "closed"),
+    }
+    state = "closed"
+    for message in changes:  # one warning per change: each starts where the last one ended
+        now, was = message.rsplit(" is ", 1)[1].removesuffix(")").split(" (was ")
+        assert was == state and (was, now) in allowed, changes
+        state = now

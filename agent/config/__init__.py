@@ -20,6 +20,7 @@ from agent.config.parsers import (
     INSTRUMENTATIONS,
     InvalidValue,
     parse_bool,
+    parse_circuit_breakers,
     parse_deadline_headers,
     parse_endpoint_names,
     parse_header_name,
@@ -321,6 +322,14 @@ class Config:
         {},
         "Opt-in retries of the agent's: `peer:retries` pairs, `*` for any other peer "
         "(`users-api:3,*:0`). Replaces only the library's default retries; see resilience.",
+        shown_default="empty",
+    )
+    circuit_breaker: dict[str, tuple[float, int, float, float]] = setting(
+        "TALISKER_CIRCUIT_BREAKER",
+        parse_circuit_breakers,
+        {},
+        "Opt-in circuit breakers: `peer` or `peer=ratio/minimum/break/window` items, `*` for "
+        "any other peer (`users-api=0.5/20/30/10`); see resilience.",
         shown_default="empty",
     )
     compose_request_id = setting(

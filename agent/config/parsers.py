@@ -220,6 +220,45 @@ def parse_retry_policy(raw: str) -> dict[str, int]:
     return policy
 
 
+def parse_circuit_breakers(raw: str) -> dict[str, tuple[float, int, float, float]]:
+    """``peer[=ratio/minimum/break/window]`` items separated by commas; ``*`` any other peer."""
+    from agent.http.breaker import DEFAULTS
+
+    breakers: dict[str, tuple[float, int, float, float]] = {}
+    bad = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        peer, sep, spec = item.strip().partition("=")
+        peer = peer.strip()
+        settings: tuple[float, int, float, float] | None = DEFAULTS
+        if sep:
+            parts = spec.split("/")
+            try:
+                ratio, minimum, break_s, window_s = (
+                    float(parts[0]),
+                    int(parts[1]),
+                    float(parts[2]),
+                    float(parts[3]),
+                )
+                ok = 0 < ratio < 1 and minimum > 0 and break_s > 0 and window_s > 0
+                settings = (ratio, minimum, break_s, window_s) if ok and len(parts) == 4 else None
+            except (ValueError, IndexError):
+                settings = None
+        if not peer or settings is None:
+            bad.append(item.strip())
+            continue
+        breakers[peer] = settings
+    if bad:
+        raise InvalidValue(
+            "peer or peer=ratio/minimum/break seconds/window seconds items separated by commas "
+            "(users-api=0.5/20/30/10), * for any other peer",
+            salvaged=breakers,
+            bad_items=tuple(bad),
+        )
+    return breakers
+
+
 def parse_tags(raw: str) -> tuple[str, ...]:
     """``key:value`` pairs or bare ``key`` tags, separated by commas or spaces.
 

@@ -48,6 +48,7 @@ class Call:
     __slots__ = (
         "attempts",
         "backoff_ms",
+        "breaker",
         "budget",
         "deadline",
         "deadline_bound",
@@ -83,6 +84,7 @@ class Call:
         self.next_reason: str | None = None  # the next attempt's, when its layer knows it
         self.backoff_ms = 0.0  # time slept between attempts
         self.budget: Any = None  # the retry budget of its peer, under a retry policy
+        self.breaker: Any = None  # the circuit breaker of its peer, if it has one
         self.deadline_bound = False  # an attempt's timeout was cut to the deadline
         self.start = _perf_counter()
 
@@ -153,6 +155,11 @@ def finish(call: Call, status: int | None, headers: Any, error: BaseException | 
         kind = code = None
     if call.budget is not None and kind is None and status != 429:
         call.budget.success()
+    if call.breaker is not None and kind != "circuit":
+        if kind == "deadline" and not call.deadline_bound:
+            pass  # stopped before the peer was asked: no outcome of the peer's
+        else:
+            call.breaker.record(kind is not None or status == 429)
     _record_deferred(
         expand_requests,
         (

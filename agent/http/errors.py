@@ -9,6 +9,7 @@ import errno
 import socket
 
 from agent.context import DeadlineExceeded
+from agent.http.breaker import CircuitOpen
 
 _TIMEOUT_NAMES = frozenset(
     {"ReadTimeoutError", "ConnectTimeoutError", "Timeout", "ReadTimeout", "ConnectTimeout"}
@@ -54,6 +55,8 @@ def classify_error(error: BaseException, deadline_bound: bool = False) -> tuple[
         seen.add(id(exc))
         if isinstance(exc, DeadlineExceeded):
             return "deadline", "deadline"
+        if isinstance(exc, CircuitOpen):
+            return "circuit", "open"
         names = {cls.__name__ for cls in type(exc).__mro__}
         if names & _TLS_NAMES:
             return "connection", "ssl"

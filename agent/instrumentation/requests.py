@@ -17,13 +17,21 @@ from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import Timeout as RequestsTimeout
 
 from agent import _log, config, context
-from agent.http import client
+from agent.http import breaker, client
 from agent.instrumentation import Patch
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
+
+
+class CircuitOpen(breaker.CircuitOpen, RequestsConnectionError):
+    """The circuit to the peer is open; the request was not sent.
+
+    An ``agent.CircuitOpen`` that is also a ``requests.exceptions.ConnectionError``,
+    as a refused connection is.
+    """
 
 
 class DeadlineExceeded(context.DeadlineExceeded, RequestsTimeout):
@@ -105,13 +113,16 @@ def _check_deadline(call: client.Call, request: Any) -> None:
             raise
 
 
-def _deadline_error(exc: BaseException) -> DeadlineExceeded | None:
-    """The requests-style error for a deadline that urllib3 saw pass (requests wraps it)."""
-    if isinstance(exc, DeadlineExceeded):
+def _deadline_error(exc: BaseException) -> DeadlineExceeded | CircuitOpen | None:
+    """The requests-style error for a deadline that urllib3 saw pass, or an open circuit
+    (requests wraps urllib3's)."""
+    if isinstance(exc, (DeadlineExceeded, CircuitOpen)):
         return None
     if isinstance(exc, context.DeadlineExceeded):  # urllib3's, raised before a retry's wait
         return DeadlineExceeded(str(exc))
     inner = exc.args[0] if exc.args else None
+    if isinstance(exc, RequestsConnectionError) and isinstance(inner, breaker.CircuitOpen):
+        return CircuitOpen(str(inner))
     if isinstance(exc, RequestsConnectionError) and isinstance(inner, context.DeadlineExceeded):
         return DeadlineExceeded(str(inner))
     return None
@@ -146,4 +157,11 @@ PATCHES = (
 #: still popped, so code written against them keeps working (``registry.API_TARGETS``).
 API_PATCHES = (PATCHES[1],)
 
-__all__ = ["API_PATCHES", "PATCHES", "SUPPORTED", "DeadlineExceeded", "installed_version"]
+__all__ = [
+    "API_PATCHES",
+    "PATCHES",
+    "SUPPORTED",
+    "CircuitOpen",
+    "DeadlineExceeded",
+    "installed_version",
+]

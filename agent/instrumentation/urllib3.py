@@ -25,7 +25,7 @@ from urllib3.util.retry import Retry
 from urllib3.util.timeout import Timeout
 
 from agent import _log, config, context, metrics, naming, propagation
-from agent.http import client, retry
+from agent.http import breaker, client, retry
 from agent.instrumentation import Patch
 
 try:  # 1.26 and 2.x both have it; the import keeps working if it moves
@@ -148,6 +148,8 @@ def _attempt(
         call.peer = _cached_peer((pool.host, pool.port)) or _pool_peer(pool)
     if deadline is not None:
         left = _time_left(deadline, DeadlineExceeded, "; request not sent")
+    if cfg.circuit_breaker:
+        _check_circuit(cfg, call)
     try:
         call.attempts += 1
         if call.attempts > 1:
@@ -177,6 +179,37 @@ def _attempt(
     except Exception:
         _log.log_once("urllib3-attempt", "agent: preparing a urllib3 request failed", exc_info=True)
     return wrapped(*args, **kwargs)
+
+
+class CircuitOpen(breaker.CircuitOpen, MaxRetryError):
+    """The circuit to the peer is open; the request was not sent.
+
+    An ``agent.CircuitOpen`` (a ``ConnectionError``) that is also urllib3's
+    ``MaxRetryError``, which a refused connection raises with urllib3's default
+    retries.
+    """
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.pool = None  # type: ignore[assignment]
+        self.url = ""
+        self.reason = None
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self),))
+
+
+def _check_circuit(cfg: Config, call: client.Call) -> None:
+    """Fail fast while the peer's circuit is open (one probe once its break is over)."""
+    found = call.breaker
+    if found is None:
+        if call.attempts:
+            return  # its first attempt found no breaker
+        found = call.breaker = breaker.breaker_for(cfg.circuit_breaker, call.peer or "unknown")
+        if found is None:
+            return
+    if not found.allow():
+        raise CircuitOpen(f"the circuit to {found.peer} is open; request not sent")
 
 
 def _apply_policy(
@@ -438,4 +471,11 @@ PATCHES = (
     Patch("urllib3.util.retry", "Retry.sleep", retry_sleep_wrapper),
 )
 
-__all__ = ["PATCHES", "SUPPORTED", "DeadlineExceeded", "HTTPConnectionPool", "installed_version"]
+__all__ = [
+    "PATCHES",
+    "SUPPORTED",
+    "CircuitOpen",
+    "DeadlineExceeded",
+    "HTTPConnectionPool",
+    "installed_version",
+]
