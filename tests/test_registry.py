@@ -24,6 +24,12 @@ TARGETS = {
     ],
     "psycopg2": [("psycopg2", None, "connect")],
     "flask": [("flask.app", "Flask", "wsgi_app")],
+    "httpx": [
+        ("httpx", "Client", "send"),
+        ("httpx", "AsyncClient", "send"),
+        ("httpx", "HTTPTransport", "handle_request"),
+        ("httpx", "AsyncHTTPTransport", "handle_async_request"),
+    ],
 }
 
 # A snippet that prints, as JSON, for each patch point: whether it is ours and
@@ -114,7 +120,7 @@ def test_install_twice_wraps_once_and_uninstall_restores_originals():
         """
 import agent
 agent.uninstall()
-import urllib3, requests, psycopg2, flask
+import urllib3, requests, psycopg2, flask, httpx
 originals = current()
 agent.install()
 agent.install()

@@ -31,6 +31,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "requests": ("requests.sessions",),
     "psycopg2": ("psycopg2",),
     "flask": ("flask.app",),
+    "httpx": ("httpx",),
 }
 
 #: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when

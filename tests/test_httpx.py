@@ -1,0 +1,130 @@
+"""httpx, sync and async, against a real loopback server: ids, deadlines, one record each."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+import agent
+from tests.support.http import closed_port
+
+COUNT = "talisker.requests.count"
+ERRORS = "talisker.requests.errors"
+RETRIES = "talisker.requests.retries"
+
+
+def sent(statsd, name=COUNT, at_least=1):
+    assert agent.flush(5)
+    assert statsd.wait_for(lambda: statsd.total(name) >= at_least), name
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def get_async(url, **kwargs):
+    async with httpx.AsyncClient() as session:
+        return await session.get(url, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_every_attempt_carries_the_id_deadline_and_priority(install_agent, http_server, mode):
+    install_agent()
+    with agent.request_context(request_id="abc-123", deadline=10), agent.priority("low"):
+        if mode == "sync":
+            response = httpx.get(http_server.url + "/redirect/2", follow_redirects=True)
+        else:
+            response = run(get_async(http_server.url + "/redirect/2", follow_redirects=True))
+    assert response.status_code == 200
+    assert len(http_server.requests) == 3  # two redirects: attempts of one logical request
+    for recorded in http_server.requests:
+        assert recorded.header("X-Request-Id") == "abc-123"
+        assert recorded.header("X-Request-Deadline")
+        assert 0 < float(recorded.header("X-Request-Timeout")) <= 10
+        assert recorded.header("X-Request-Priority") == "low"
+    assert "x-request-id" not in response.request.headers  # the application's Request is its own
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_headers_the_caller_set_are_kept(install_agent, http_server, mode):
+    install_agent()
+    headers = {"x-request-id": "mine", "X-Other": "1"}
+    if mode == "sync":
+        httpx.get(http_server.url + "/a", headers=headers)
+    else:
+        run(get_async(http_server.url + "/a", headers=headers))
+    (recorded,) = http_server.requests
+    assert recorded.header("X-Request-Id") == "mine" and recorded.header("X-Other") == "1"
+    assert headers == {"x-request-id": "mine", "X-Other": "1"}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_time_left_bounds_the_timeouts(install_agent, statsd, http_server, mode):
+    install_agent()
+    with agent.deadline(0.5), pytest.raises(httpx.ReadTimeout):
+        if mode == "sync":
+            httpx.get(http_server.url + "/delay/5", timeout=30)
+        else:
+            run(get_async(http_server.url + "/delay/5", timeout=30))
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="deadline", code="deadline") == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_once_the_deadline_has_passed_nothing_is_sent(install_agent, http_server, mode):
+    install_agent()
+    with agent.deadline(0.001), pytest.raises(httpx.TimeoutException) as raised:
+        import time
+
+        time.sleep(0.01)
+        if mode == "sync":
+            httpx.get(http_server.url + "/a")
+        else:
+            run(get_async(http_server.url + "/a"))
+    assert isinstance(raised.value, agent.DeadlineExceeded)
+    assert http_server.requests == []
+
+
+def test_each_logical_request_is_counted_once_with_the_same_tags_as_requests(
+    install_agent, statsd, http_server
+):
+    install_agent()
+    with httpx.Client() as session:
+        session.get(http_server.url + "/redirect/1", follow_redirects=True)
+        session.get(http_server.url + "/status/503")
+        session.get(http_server.url + "/view/search")
+    run(get_async(http_server.url + "/status/404"))
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{closed_port()}/")
+    sent(statsd, COUNT, 5)
+    assert statsd.total(COUNT) == 5
+    assert statsd.total(COUNT, peer=http_server.netloc, status="200") == 2
+    assert statsd.total(COUNT, view="search") == 1
+    assert statsd.total(ERRORS, type="http", code="503") == 1
+    assert statsd.total(ERRORS, type="connection", code="ECONNREFUSED") == 1
+    assert statsd.total(RETRIES, reason="redirect") == 1
+
+
+def test_a_transport_used_without_a_client_records_its_call(install_agent, statsd, http_server):
+    install_agent()
+    transport = httpx.HTTPTransport()
+    response = transport.handle_request(httpx.Request("GET", http_server.url + "/a"))
+    response.read()
+    assert http_server.requests[0].header("X-Request-Id")
+    sent(statsd)
+    assert statsd.total(COUNT) == 1
+
+
+def test_the_circuit_breaker_covers_httpx(install_agent, http_server, monkeypatch):
+    from agent.http import breaker
+
+    monkeypatch.setattr(breaker, "_breakers", {})
+    install_agent(TALISKER_CIRCUIT_BREAKER="*=0.5/2/30/10")
+    for _ in range(2):
+        httpx.get(http_server.url + "/status/503")
+    with pytest.raises(httpx.ConnectError) as raised:
+        httpx.get(http_server.url + "/a")
+    assert isinstance(raised.value, agent.CircuitOpen)
+    assert len(http_server.requests) == 2
