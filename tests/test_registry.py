@@ -30,6 +30,7 @@ TARGETS = {
         ("httpx", "HTTPTransport", "handle_request"),
         ("httpx", "AsyncHTTPTransport", "handle_async_request"),
     ],
+    "aiohttp": [("aiohttp.client", "ClientSession", "_request")],
 }
 
 # A snippet that prints, as JSON, for each patch point: whether it is ours and
@@ -120,7 +121,7 @@ def test_install_twice_wraps_once_and_uninstall_restores_originals():
         """
 import agent
 agent.uninstall()
-import urllib3, requests, psycopg2, flask, httpx
+import urllib3, requests, psycopg2, flask, httpx, aiohttp
 originals = current()
 agent.install()
 agent.install()

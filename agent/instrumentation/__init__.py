@@ -32,6 +32,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "psycopg2": ("psycopg2",),
     "flask": ("flask.app",),
     "httpx": ("httpx",),
+    "aiohttp": ("aiohttp.client",),
 }
 
 #: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when

@@ -1,0 +1,205 @@
+"""aiohttp's client: request ids, deadlines as its timeout, one record per logical request.
+
+``ClientSession._request`` is wrapped: every ``session.get(...)``, ``.post``,
+``.request`` and ``.ws_connect``'s handshake goes through it, and aiohttp follows
+redirects inside it. It is the narrowest point that is stable across aiohttp 3.x
+(its per-attempt client middlewares exist only from 3.12; trace configs must be
+given when a session is made, which code written without the agent does not
+do). So the headers are added once per logical request (a redirect carries the
+same ones) and the deadline bounds the whole call through aiohttp's own
+``ClientTimeout.total``: what a deadline means.
+
+Loaded by the registry when ``aiohttp.client`` is imported.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# aiohttp.client, not the package: the registry loads this module when
+# aiohttp.client has been imported, while aiohttp's own __init__ may still be
+# running (its names are not bound yet).
+from aiohttp.client import ClientConnectionError, ClientTimeout, ServerTimeoutError
+
+from agent import _log, config, context, naming, propagation
+from agent.http import breaker, client
+from agent.instrumentation import Patch
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from agent.config import Config
+
+#: The versions of aiohttp this instrumentation supports: ``(lowest, first not supported)``.
+SUPPORTED = ((3, 8), (4,))
+
+_current_call = client.current_call
+_time_left = context.time_left
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def installed_version() -> str:
+    """The version of aiohttp imported."""
+    return str(getattr(sys.modules.get("aiohttp"), "__version__", ""))  # its first line
+
+
+class DeadlineExceeded(context.DeadlineExceeded, ServerTimeoutError):
+    """The deadline has passed; the request was not sent.
+
+    An ``agent.DeadlineExceeded`` that is also aiohttp's ``ServerTimeoutError``
+    (an ``asyncio.TimeoutError``), as aiohttp's own timeouts are.
+    """
+
+
+class CircuitOpen(breaker.CircuitOpen, ClientConnectionError):
+    """The circuit to the peer is open; the request was not sent (also aiohttp's
+    ``ClientConnectionError``, as a refused connection is)."""
+
+
+def request_wrapper(
+    wrapped: Callable[..., Any], session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``ClientSession._request(method, url, **kwargs)``."""
+    cfg = config.current
+    if cfg is None or _current_call() is not None:
+        return wrapped(*args, **kwargs)
+    try:
+        call = client.begin(str(args[0] if args else kwargs.get("method", "GET")))
+    except Exception:
+        _log.log_once("aiohttp-begin", "agent: starting an aiohttp record failed", exc_info=True)
+        call = None
+    if call is None:  # inside agent.suppress(), or the agent failed
+        return wrapped(*args, **kwargs)
+    return _request(cfg, call, wrapped, session, args, kwargs)
+
+
+async def _request(
+    cfg: Config,
+    call: client.Call,
+    wrapped: Callable[..., Any],
+    session: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    token = client.enter(call)
+    try:
+        _prepare(cfg, call, session, args, kwargs)
+        response = await wrapped(*args, **kwargs)
+    except Exception as exc:
+        _finish(call, None, exc)
+        raise
+    finally:
+        client.end(token)
+    try:
+        redirects = len(response.history)
+        if redirects:
+            call.attempts += redirects
+            call.reasons = ["redirect"] * redirects
+    except Exception:  # pragma: no cover - history is a tuple in every aiohttp 3
+        pass
+    _finish(call, response, None)
+    return response
+
+
+def _prepare(
+    cfg: Config, call: client.Call, session: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """The deadline and circuit checks, the headers and the timeout of the call."""
+    url = args[1] if len(args) > 1 else kwargs.get("str_or_url")
+    call.peer = _peer(session, url)
+    deadline = call.deadline
+    left = None
+    if deadline is not None:
+        left = _time_left(deadline, DeadlineExceeded, "; request not sent")
+    if cfg.circuit_breaker:
+        found = call.breaker = breaker.breaker_for(cfg.circuit_breaker, call.peer or "unknown")
+        if found is not None and not found.allow():
+            raise CircuitOpen(f"the circuit to {found.peer} is open; request not sent")
+    call.attempts = 1
+    try:
+        kwargs["headers"] = _headers(kwargs.get("headers"), session, call, cfg)
+        if left is not None:
+            cut = _cut_timeout(kwargs.get("timeout", _UNSET), session, left)
+            if cut is not None:
+                kwargs["timeout"] = cut
+                call.deadline_bound = True
+    except Exception:
+        _log.log_once("aiohttp-attempt", "agent: preparing an aiohttp call failed", exc_info=True)
+
+
+_UNSET = object()
+
+
+def _headers(given: Any, session: Any, call: client.Call, cfg: Config) -> Any:
+    """The call's headers with ours added, unless the call or the session set them."""
+    from multidict import CIMultiDict
+
+    merged = CIMultiDict(getattr(session, "_default_headers", None) or {})
+    own = CIMultiDict(given or {})
+    merged.update(own)
+    added = propagation.attempt_headers(merged, call, cfg, lambda headers: headers.copy())
+    for name in added:  # only what is ours goes into the call's own headers
+        if name not in merged:
+            own[name] = added[name]
+    return own
+
+
+def _cut_timeout(given: Any, session: Any, left: float) -> ClientTimeout | None:
+    """aiohttp's timeout with its ``total`` (and no other part) longer than the time left.
+
+    ``ceil_threshold`` is raised above the time left: aiohttp rounds a timeout of
+    that many seconds or more up to a whole second, which would end it after the
+    deadline.
+    """
+    timeout = session._timeout if given is _UNSET else given
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        timeout = ClientTimeout(total=timeout)
+    elif timeout is None:
+        timeout = ClientTimeout()
+    if not isinstance(timeout, ClientTimeout):
+        return None  # what aiohttp will refuse or reads otherwise: left as it is
+
+    def bounded(value: float | None) -> float:
+        return left if value is None or value > left else value
+
+    if timeout.total is not None and timeout.total <= left:
+        return None  # already ends before the deadline
+    return ClientTimeout(
+        total=bounded(timeout.total),
+        connect=None if timeout.connect is None else bounded(timeout.connect),
+        sock_read=None if timeout.sock_read is None else bounded(timeout.sock_read),
+        sock_connect=None if timeout.sock_connect is None else bounded(timeout.sock_connect),
+        ceil_threshold=max(getattr(timeout, "ceil_threshold", 5), left + 1),
+    )
+
+
+def _peer(session: Any, url: Any) -> str | None:
+    try:
+        from yarl import URL
+
+        target = URL(str(url))
+        base = getattr(session, "_base_url", None)
+        if not target.is_absolute() and base is not None:
+            target = base.join(target)
+        if not target.host:
+            return None
+        return naming.peer_name(target.host, target.port or _DEFAULT_PORTS.get(target.scheme))
+    except Exception:
+        return None
+
+
+def _finish(call: client.Call, response: Any, error: BaseException | None) -> None:
+    try:
+        if response is None:
+            client.finish(call, None, None, error)
+        else:
+            client.finish(call, response.status, response.headers, error)
+    except Exception:
+        _log.log_once("aiohttp-record", "agent: recording an aiohttp call failed", exc_info=True)
+
+
+PATCHES = (Patch("aiohttp.client", "ClientSession._request", request_wrapper),)
+
+__all__ = ["PATCHES", "SUPPORTED", "CircuitOpen", "DeadlineExceeded", "installed_version"]

@@ -1,0 +1,125 @@
+"""aiohttp's client against a real loopback server: ids, deadlines, one record each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+import agent
+from tests.support.http import closed_port
+
+COUNT = "talisker.requests.count"
+ERRORS = "talisker.requests.errors"
+RETRIES = "talisker.requests.retries"
+
+
+def sent(statsd, name=COUNT, at_least=1):
+    assert agent.flush(5)
+    assert statsd.wait_for(lambda: statsd.total(name) >= at_least), name
+
+
+async def get(url, session_kwargs=None, **kwargs):
+    async with (
+        aiohttp.ClientSession(**(session_kwargs or {})) as session,
+        session.get(url, **kwargs) as response,
+    ):
+        await response.read()
+        return response
+
+
+def test_the_id_deadline_and_priority_reach_every_attempt(install_agent, http_server):
+    install_agent()
+
+    async def main():
+        with agent.request_context(request_id="abc-123", deadline=10), agent.priority("high"):
+            return await get(http_server.url + "/redirect/2")
+
+    response = asyncio.run(main())
+    assert response.status == 200 and len(http_server.requests) == 3
+    for recorded in http_server.requests:
+        assert recorded.header("X-Request-Id") == "abc-123"
+        assert recorded.header("X-Request-Deadline")
+        assert 0 < float(recorded.header("X-Request-Timeout")) <= 10
+        assert recorded.header("X-Request-Priority") == "high"
+
+
+def test_headers_of_the_call_and_of_the_session_are_kept(install_agent, http_server):
+    install_agent()
+    asyncio.run(get(http_server.url + "/a", headers={"X-Request-Id": "call"}))
+    asyncio.run(get(http_server.url + "/b", {"headers": {"x-request-id": "session"}}))
+    assert [r.header("X-Request-Id") for r in http_server.requests] == ["call", "session"]
+
+
+def test_the_time_left_bounds_aiohttps_timeout(install_agent, statsd, http_server):
+    install_agent()
+
+    async def main():
+        with agent.deadline(0.5):
+            return await get(http_server.url + "/delay/5", timeout=aiohttp.ClientTimeout(30))
+
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(main())
+    assert time.monotonic() - started < 5  # not the 5 s the server takes
+    sent(statsd, ERRORS)
+    assert statsd.total(ERRORS, type="deadline") == 1
+
+
+def test_once_the_deadline_has_passed_nothing_is_sent(install_agent, http_server):
+    install_agent()
+
+    async def main():
+        with agent.deadline(0.001):
+            await asyncio.sleep(0.01)
+            return await get(http_server.url + "/a")
+
+    with pytest.raises(aiohttp.ServerTimeoutError) as raised:
+        asyncio.run(main())
+    assert isinstance(raised.value, agent.DeadlineExceeded)
+    assert isinstance(raised.value, asyncio.TimeoutError)
+    assert http_server.requests == []
+
+
+def test_one_count_per_logical_request_and_the_error_rows(install_agent, statsd, http_server):
+    install_agent()
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            for path in ("/redirect/1", "/status/503", "/view/search"):
+                async with session.get(http_server.url + path) as response:
+                    await response.read()
+            with pytest.raises(aiohttp.ClientConnectorError):
+                await session.get(f"http://127.0.0.1:{closed_port()}/")
+
+    asyncio.run(main())
+    sent(statsd, COUNT, 4)
+    assert statsd.total(COUNT) == 4
+    assert statsd.total(COUNT, peer=http_server.netloc) == 3
+    assert statsd.total(COUNT, view="search") == 1
+    assert statsd.total(ERRORS, type="http", code="503") == 1
+    assert statsd.total(ERRORS, type="connection", code="ECONNREFUSED") == 1
+    assert statsd.total(RETRIES, reason="redirect") == 1
+
+
+def test_concurrent_tasks_with_distinct_ids_never_see_each_others(install_agent, http_server):
+    install_agent()
+
+    async def one(n, session):
+        with agent.request_context(request_id=f"task-{n}"):
+            await asyncio.sleep(0)
+            async with session.get(f"{http_server.url}/task/{n}") as response:
+                await response.read()
+
+    async def main():
+        # The test server accepts a few connections at a time: the tasks share 8, and
+        # wait for them with their scopes in the air.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8)) as session:
+            await asyncio.gather(*(one(n, session) for n in range(200)))
+
+    asyncio.run(main())
+    assert len(http_server.requests) == 200
+    for recorded in http_server.requests:
+        assert recorded.header("X-Request-Id") == "task-" + recorded.path.rsplit("/", 1)[1]
