@@ -185,13 +185,14 @@ def _instrumentation_state(cfg: config.Config, name: str) -> str:
     from agent.instrumentation import describe_supported, supports
     from agent.registry import target_version
 
-    version = target_version(name)
     try:
         import importlib
 
-        supported = importlib.import_module(f"agent.instrumentation.{name}").SUPPORTED
+        instrumentation = importlib.import_module(f"agent.instrumentation.{name}")
+        supported = instrumentation.SUPPORTED
+        version = instrumentation.installed_version()  # what the agent checks at install
     except Exception as exc:  # a broken installation of the library
-        return f"NOT loadable ({name} {version}: {type(exc).__name__})"
+        return f"NOT loadable ({name} {target_version(name)}: {type(exc).__name__})"
     shown = describe_supported(supported)
     if not supports(supported, version):
         return f"NOT supported: {name} {version}, supported {shown}; left uninstrumented"

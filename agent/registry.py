@@ -46,6 +46,8 @@ _enabled: frozenset[str] = frozenset()
 _api_only: frozenset[str] = frozenset()  # off, but their API patches go in
 _applied: dict[tuple[str, str], _Applied] = {}
 _wrapper_class: type | None = None
+_importing_wrapt = False
+_pending: list[ModuleType] = []  # imported while wrapt was being imported
 
 
 def installed() -> bool:
@@ -108,6 +110,10 @@ def _initializing(module: ModuleType) -> bool:
 def _on_import(module: ModuleType) -> None:
     """Post-import hook: apply the patches of every instrumentation watching ``module``."""
     with _lock:
+        if _importing_wrapt:
+            # wrapt's own import brings in a target (asyncio): patch it once wrapt is in.
+            _pending.append(module)
+            return
         for name in _enabled:
             if module.__name__ in TARGETS[name]:
                 _apply_instrumentation(name)
@@ -146,7 +152,11 @@ def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
     if applied_now and _log.debug_enabled() and all(p.module in sys.modules for p in patches):
         targets = [f"{p.module}:{p.path}" for p in patches if (p.module, p.path) in _applied]
         what = "instrumented" if declared == "PATCHES" else "kept the API keywords only of"
-        _log.debug("agent: %s %s %s (%s)", what, name, target_version(name), ", ".join(targets))
+        try:
+            version = instrumentation.installed_version()
+        except Exception:
+            version = target_version(name)
+        _log.debug("agent: %s %s %s (%s)", what, name, version, ", ".join(targets))
 
 
 def _supported(name: str, instrumentation: Any) -> bool:
@@ -207,9 +217,13 @@ def target_version(name: str) -> str:
 
 def wrapper_class() -> type:
     """The marker subclass of ``wrapt.FunctionWrapper`` that all agent patches use."""
-    global _wrapper_class
+    global _wrapper_class, _importing_wrapt
     if _wrapper_class is None:
-        import wrapt
+        _importing_wrapt = True
+        try:
+            import wrapt
+        finally:
+            _importing_wrapt = False
 
         base: Any = wrapt.FunctionWrapper  # generic in wrapt 2's stubs, not in 1.x
 
@@ -217,4 +231,8 @@ def wrapper_class() -> type:
             """A wrapt function wrapper put in by talisker-agent."""
 
         _wrapper_class = AgentWrapper
+        pending = _pending[:]
+        del _pending[:]
+        for module in pending:
+            _on_import(module)
     return _wrapper_class

@@ -123,3 +123,34 @@ def test_concurrent_tasks_with_distinct_ids_never_see_each_others(install_agent,
     assert len(http_server.requests) == 200
     for recorded in http_server.requests:
         assert recorded.header("X-Request-Id") == "task-" + recorded.path.rsplit("/", 1)[1]
+
+
+def test_run_in_executor_keeps_the_request_scope(install_agent, http_server):
+    import concurrent.futures
+
+    import requests
+
+    install_agent()
+    seen = []
+
+    def blocking(n):
+        seen.append(agent.context.current().request_id)
+        requests.get(f"{http_server.url}/executor/{n}")
+
+    async def one(n, pool):
+        with agent.request_context(request_id=f"req-{n}", deadline=30):
+            await asyncio.get_running_loop().run_in_executor(pool, blocking, n)
+
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            await asyncio.gather(*(one(n, pool) for n in range(50)))
+            await asyncio.get_running_loop().run_in_executor(pool, blocking, "none")
+
+    asyncio.run(main())
+    assert sorted(seen[:-1]) == sorted(f"req-{n}" for n in range(50))
+    assert seen[-1] is None  # outside a scope, as without the agent
+    for recorded in http_server.requests:
+        n = recorded.path.rsplit("/", 1)[1]
+        if n != "none":
+            assert recorded.header("X-Request-Id") == f"req-{n}"
+            assert recorded.header("X-Request-Deadline")

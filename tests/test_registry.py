@@ -31,6 +31,7 @@ TARGETS = {
         ("httpx", "AsyncHTTPTransport", "handle_async_request"),
     ],
     "aiohttp": [("aiohttp.client", "ClientSession", "_request")],
+    "asyncio": [("asyncio.base_events", "BaseEventLoop", "run_in_executor")],
 }
 
 # A snippet that prints, as JSON, for each patch point: whether it is ours and
@@ -54,7 +55,11 @@ def report(originals):
     for key, obj in current().items():
         state[key] = {
             "ours": bool(ours) and isinstance(obj, ours),
-            "original": obj is originals.get(key),
+            # A point imported after `originals` was taken (wrapt imports asyncio):
+            # original means not ours.
+            "original": obj is originals[key] if key in originals else not (
+                bool(ours) and isinstance(obj, ours)
+            ),
             "layers": 1 + (isinstance(getattr(obj, "__wrapped__", None), ours) if ours else 0),
         }
     return state
@@ -121,7 +126,7 @@ def test_install_twice_wraps_once_and_uninstall_restores_originals():
         """
 import agent
 agent.uninstall()
-import urllib3, requests, psycopg2, flask, httpx, aiohttp
+import urllib3, requests, psycopg2, flask, httpx, aiohttp, asyncio
 originals = current()
 agent.install()
 agent.install()

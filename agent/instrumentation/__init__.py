@@ -33,6 +33,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "flask": ("flask.app",),
     "httpx": ("httpx",),
     "aiohttp": ("aiohttp.client",),
+    "asyncio": ("asyncio.base_events",),
 }
 
 #: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when
