@@ -23,6 +23,7 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from typing import Any
 
+    from agent import asgi as asgi
     from agent import wsgi as wsgi
     from agent.config import Config
     from agent.http.breaker import CircuitOpen
@@ -128,6 +129,7 @@ _LAZY = {
     "request_timeout": ("agent.wsgi", "request_timeout"),
     "timed": ("agent.metrics.timed", "timed"),
     "wsgi": ("agent.wsgi", None),
+    "asgi": ("agent.asgi", None),
 }
 
 

@@ -32,6 +32,7 @@ TARGETS = {
     ],
     "aiohttp": [("aiohttp.client", "ClientSession", "_request")],
     "asyncio": [("asyncio.base_events", "BaseEventLoop", "run_in_executor")],
+    "starlette": [("starlette.applications", "Starlette", "__call__")],
 }
 
 # A snippet that prints, as JSON, for each patch point: whether it is ours and
@@ -89,7 +90,7 @@ def all_points(state: dict, **expected: bool) -> None:
 def test_target_imported_before_the_agent(target):
     state = run(
         f"""
-        import {target}
+        import {TARGETS[target][0][0]}
         originals = current()
         import agent
         patched = report(originals)
@@ -111,7 +112,7 @@ def test_target_imported_after_the_agent(target):
     state = run(
         f"""
         import agent
-        import {target}
+        import {TARGETS[target][0][0]}
         patched = report({{}})
         print(json.dumps(patched))
         """
@@ -127,6 +128,7 @@ def test_install_twice_wraps_once_and_uninstall_restores_originals():
 import agent
 agent.uninstall()
 import urllib3, requests, psycopg2, flask, httpx, aiohttp, asyncio
+import starlette.applications
 originals = current()
 agent.install()
 agent.install()

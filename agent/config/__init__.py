@@ -186,7 +186,7 @@ class Config:
         parse_instrumentations,
         frozenset(),
         "Comma list of instrumentations to leave off: `urllib3`, `requests`, `psycopg2`, "
-        "`flask`, `httpx`, `aiohttp`, `asyncio`, or `all`.",
+        "`flask`, `httpx`, `aiohttp`, `asyncio`, `starlette`, or `all`.",
         shown_default="empty",
     )
     metrics_enabled = setting(

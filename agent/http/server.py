@@ -37,6 +37,7 @@ class Request:
         "cpu",
         "error",
         "finished",
+        "kind",
         "method",
         "request_id",
         "soft_timeout",
@@ -54,6 +55,7 @@ class Request:
         self.error: BaseException | None = None
         self.complete = False  # the server read the whole body
         self.finished = False
+        self.kind = "wsgi"  # the metric family: wsgi.* or asgi.*
         self.start = _perf_counter()
         self.cpu = _thread_time()
 
@@ -107,12 +109,15 @@ def finish(request: Request) -> None:
             status = CLIENT_CLOSED_REQUEST
         error = request.error is not None or status >= 500
         view = request.view or "unknown"
+        kind = request.kind
         metrics.record_deferred(
-            expand_requests, (view, request.method, status, latency_ms, cpu_ms, error)
+            expand_requests if kind == "wsgi" else expand_asgi_requests,
+            (view, request.method, status, latency_ms, cpu_ms, error),
         )
         soft = request.soft_timeout
         if soft is not None and latency_ms > soft * 1000.0:
-            metrics.count("wsgi.soft_timeouts", 1, (("view", view), ("method", request.method)))
+            name = kind + ".soft_timeouts"
+            metrics.count(name, 1, (("view", view), ("method", request.method)))
             _log.logger().warning(
                 "agent: request %s to %s took %.0f ms, over its soft timeout of %.0f ms",
                 request.request_id,
@@ -121,11 +126,22 @@ def finish(request: Request) -> None:
                 soft * 1000.0,
             )
     except Exception:
-        _log.log_once("wsgi-record", "agent: recording a WSGI request failed", exc_info=True)
+        _log.log_once("server-record", "agent: recording a request served failed", exc_info=True)
 
 
 def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
     """``wsgi.*`` metrics of a flush (runs in the metrics thread)."""
+    return _expand(payloads, "wsgi", True)
+
+
+def expand_asgi_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
+    """``asgi.*`` metrics of a flush: no ``cpu``, which an event loop cannot give per request."""
+    return _expand(payloads, "asgi", False)
+
+
+def _expand(
+    payloads: list[tuple[Any, ...]], family: str, with_cpu: bool
+) -> list[tuple[int, str, Any, Any]]:
     groups: dict[tuple[Any, ...], tuple[list[float], list[float], list[int]]] = {}
     for view, method, status, latency_ms, cpu_ms, error in payloads:
         key = (view, method, status)
@@ -139,9 +155,10 @@ def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any
     records: list[tuple[int, str, Any, Any]] = []
     for (view, method, status), (latencies, cpus, errors) in groups.items():
         tags = (("view", view), ("method", method), ("status", status))
-        records.append((metrics.COUNT, "wsgi.requests", len(latencies), tags))
-        records.append((metrics.TIMING, "wsgi.latency", latencies, tags))
-        records.append((metrics.TIMING, "wsgi.cpu", cpus, tags))
+        records.append((metrics.COUNT, family + ".requests", len(latencies), tags))
+        records.append((metrics.TIMING, family + ".latency", latencies, tags))
+        if with_cpu:
+            records.append((metrics.TIMING, family + ".cpu", cpus, tags))
         if errors[0]:
-            records.append((metrics.COUNT, "wsgi.errors", errors[0], tags))
+            records.append((metrics.COUNT, family + ".errors", errors[0], tags))
     return records

@@ -34,6 +34,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "httpx": ("httpx",),
     "aiohttp": ("aiohttp.client",),
     "asyncio": ("asyncio.base_events",),
+    "starlette": ("starlette.applications",),
 }
 
 #: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when
