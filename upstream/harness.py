@@ -1044,9 +1044,12 @@ def _report(
             n_unexpected = sum(1 for d in found if d.counts)
             part = f"{mode} {_passed(results[(suite.name, mode)])} passed, "
             part += f"{n_allowed} allowed, {n_unexpected} unexpected"
-            cleared = [d for d in found if not d.allowed and not d.counts]
-            if cleared:
-                part += f" ({len(cleared)} cleared by the rerun)"
+            flaky = sum(1 for d in found if d.verdict.startswith("flaky"))
+            cleared = sum(1 for d in found if d.verdict.startswith("cleared"))
+            notes = [f"{flaky} flaky"] if flaky else []
+            notes += [f"{cleared} cleared"] if cleared else []
+            if notes:
+                part += f" ({', '.join(notes)} by the rerun)"
             parts.append(part)
             details += [_describe(suite, d) for d in found if not d.allowed]
         for mode in modes:
