@@ -1,4 +1,4 @@
-"""Development sessions: `nox -s tests lint typecheck docs bench`."""
+"""Development sessions: `nox -s tests lint typecheck docs bench`, and `nox -s upstream`."""
 
 from __future__ import annotations
 
@@ -88,3 +88,20 @@ def bench(session: nox.Session) -> None:
         "wsgi_overhead.py",
     ):
         session.run("python", f"benchmarks/{script}")
+
+
+# The upstream suites run on one Python: 3.12 where found (urllib3 1.26's pinned
+# test dependencies predate 3.13), else the newest found.
+UPSTREAM_PYTHON = "3.12" if "3.12" in PYTHONS else PYTHONS[-1]
+
+
+@nox.session(python=UPSTREAM_PYTHON)
+def upstream(session: nox.Session) -> None:
+    """The instrumented libraries' own test suites, plain and with the agent (docs/upstream.md).
+
+    `nox -s upstream -- urllib3 --mode deadline -- -k timeout`: suites, then options,
+    then pytest arguments after a second `--`. Not part of the default sessions: about
+    15 minutes. Needs root (or user namespaces) for `unshare -n`, and PostgreSQL.
+    """
+    session.install("uv")  # reads the suites' uv.lock files; installs are pip's
+    session.run("python", "upstream/harness.py", *session.posargs)
