@@ -176,6 +176,19 @@ def finish(call: Call, status: int | None, headers: Any, error: BaseException | 
     )
 
 
+def record(call: Call, response: Any, error: BaseException | None, status: str = "status") -> None:
+    """:func:`finish` from a response (its ``status`` attribute named) or an error; never raises."""
+    try:
+        if response is None:
+            finish(call, None, None, error)
+        else:
+            finish(call, getattr(response, status), response.headers, error)
+    except Exception:
+        from agent import _log
+
+        _log.log_once("http-record", "agent: recording an outgoing call failed", exc_info=True)
+
+
 def retried(call: Call, history: Any) -> None:
     """Note why the attempt about to be made is one: from the layer that knows
     (``call.next_reason``, a redirect followed by requests), else from urllib3's

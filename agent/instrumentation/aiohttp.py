@@ -191,13 +191,7 @@ def _peer(session: Any, url: Any) -> str | None:
 
 
 def _finish(call: client.Call, response: Any, error: BaseException | None) -> None:
-    try:
-        if response is None:
-            client.finish(call, None, None, error)
-        else:
-            client.finish(call, response.status, response.headers, error)
-    except Exception:
-        _log.log_once("aiohttp-record", "agent: recording an aiohttp call failed", exc_info=True)
+    client.record(call, response, error, "status")
 
 
 PATCHES = (Patch("aiohttp.client", "ClientSession._request", request_wrapper),)

@@ -132,13 +132,7 @@ def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> client.Call | None:
 
 
 def _finish(call: client.Call, response: Any, error: BaseException | None) -> None:
-    try:
-        if response is None:
-            client.finish(call, None, None, error)
-        else:
-            client.finish(call, response.status_code, response.headers, error)
-    except Exception:
-        _log.log_once("httpx-record", "agent: recording an httpx request failed", exc_info=True)
+    client.record(call, response, error, "status_code")
 
 
 # -- attempts ------------------------------------------------------------------------------
