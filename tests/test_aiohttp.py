@@ -154,3 +154,92 @@ def test_run_in_executor_keeps_the_request_scope(install_agent, http_server):
         if n != "none":
             assert recorded.header("X-Request-Id") == f"req-{n}"
             assert recorded.header("X-Request-Deadline")
+
+
+# -- the server ----------------------------------------------------------------------
+
+
+AIOHTTP_APP = """
+import os
+import agent
+import aiohttp
+from aiohttp import web
+
+async def show_user(request):
+    scope = agent.context.current()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(os.environ["UPSTREAM"] + "/downstream") as response:
+            await response.read()
+    return web.json_response({"request_id": scope.request_id, "left": agent.deadline_timeout()})
+
+async def fail(request):
+    raise RuntimeError("view failed")
+
+async def missing(request):
+    raise web.HTTPNotFound()
+
+app = web.Application()
+app.router.add_get("/up", lambda request: web.Response(text="up"))
+app.router.add_get("/users/{user_id}", show_user, name="show_user")
+app.router.add_get("/fail", fail)
+app.router.add_get("/missing", missing)
+web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), print=None)
+"""
+
+
+def test_an_aiohttp_app_under_talisker_run_gets_the_request_scope(tmp_path, statsd, http_server):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import requests
+
+    from tests.support.proc import clean_env, free_port
+
+    (tmp_path / "webapp.py").write_text(AIOHTTP_APP)
+    port = free_port()
+    env = clean_env(**statsd.env, PORT=str(port), UPSTREAM=http_server.url)
+    talisker_run = str(Path(sys.executable).parent / "talisker-run")
+    server = subprocess.Popen(
+        [talisker_run, sys.executable, "webapp.py"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(url + "/up", timeout=5)
+                break
+            except (requests.ConnectionError, requests.Timeout):
+                assert server.poll() is None, server.stdout.read() if server.stdout else ""
+                assert time.monotonic() < deadline, "the aiohttp app did not start"
+                time.sleep(0.2)
+        headers = {"X-Request-Id": "abc-123", "X-Request-Timeout": "20"}
+        response = requests.get(url + "/users/7", headers=headers)
+        failed = requests.get(url + "/fail")
+        missing = requests.get(url + "/missing")
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    body = response.json()
+    assert body["request_id"] == "abc-123" and 15 < body["left"] <= 20
+    assert response.headers["X-Request-Id"] == "abc-123"
+    assert response.headers["X-View-Name"] == "show_user"
+    (downstream,) = http_server.requests
+    assert downstream.header("X-Request-Id") == "abc-123"
+    assert 0 < float(downstream.header("X-Request-Timeout")) <= 20
+    assert failed.status_code == 500 and missing.status_code == 404
+    assert statsd.wait_for(lambda: statsd.total("talisker.aiohttp.requests") >= 4, 30)
+    assert statsd.total("talisker.aiohttp.requests", view="show_user", status="200") == 1
+    assert statsd.total("talisker.aiohttp.errors", status="500") == 1
+    assert statsd.total("talisker.aiohttp.errors", status="404") == 0
+    assert statsd.total("talisker.aiohttp.requests", status="404") == 1

@@ -30,7 +30,10 @@ TARGETS = {
         ("httpx", "HTTPTransport", "handle_request"),
         ("httpx", "AsyncHTTPTransport", "handle_async_request"),
     ],
-    "aiohttp": [("aiohttp.client", "ClientSession", "_request")],
+    "aiohttp": [
+        ("aiohttp.client", "ClientSession", "_request"),
+        ("aiohttp.web_app", "Application", "_handle"),
+    ],
     "asyncio": [("asyncio.base_events", "BaseEventLoop", "run_in_executor")],
     "starlette": [("starlette.applications", "Starlette", "__call__")],
 }
@@ -90,7 +93,7 @@ def all_points(state: dict, **expected: bool) -> None:
 def test_target_imported_before_the_agent(target):
     state = run(
         f"""
-        import {TARGETS[target][0][0]}
+        import {", ".join(sorted({m for m, _, _ in TARGETS[target]}))}
         originals = current()
         import agent
         patched = report(originals)
@@ -112,7 +115,7 @@ def test_target_imported_after_the_agent(target):
     state = run(
         f"""
         import agent
-        import {TARGETS[target][0][0]}
+        import {", ".join(sorted({m for m, _, _ in TARGETS[target]}))}
         patched = report({{}})
         print(json.dumps(patched))
         """
@@ -128,7 +131,7 @@ def test_install_twice_wraps_once_and_uninstall_restores_originals():
 import agent
 agent.uninstall()
 import urllib3, requests, psycopg2, flask, httpx, aiohttp, asyncio
-import starlette.applications
+import starlette.applications, aiohttp.web
 originals = current()
 agent.install()
 agent.install()

@@ -111,7 +111,7 @@ def finish(request: Request) -> None:
         view = request.view or "unknown"
         kind = request.kind
         metrics.record_deferred(
-            expand_requests if kind == "wsgi" else expand_asgi_requests,
+            expand_requests if kind == "wsgi" else _EXPANDERS[kind],
             (view, request.method, status, latency_ms, cpu_ms, error),
         )
         soft = request.soft_timeout
@@ -162,3 +162,11 @@ def _expand(
         if errors[0]:
             records.append((metrics.COUNT, family + ".errors", errors[0], tags))
     return records
+
+
+def expand_aiohttp_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
+    """``aiohttp.*`` metrics of a flush: no ``cpu``, as for ASGI."""
+    return _expand(payloads, "aiohttp", False)
+
+
+_EXPANDERS = {"asgi": expand_asgi_requests, "aiohttp": expand_aiohttp_requests}

@@ -32,7 +32,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "psycopg2": ("psycopg2",),
     "flask": ("flask.app",),
     "httpx": ("httpx",),
-    "aiohttp": ("aiohttp.client",),
+    "aiohttp": ("aiohttp.client", "aiohttp.web_app"),
     "asyncio": ("asyncio.base_events",),
     "starlette": ("starlette.applications",),
 }

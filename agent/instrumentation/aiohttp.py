@@ -9,7 +9,12 @@ do). So the headers are added once per logical request (a redirect carries the
 same ones) and the deadline bounds the whole call through aiohttp's own
 ``ClientTimeout.total``: what a deadline means.
 
-Loaded by the registry when ``aiohttp.client`` is imported.
+The server: ``Application._handle`` (every request of the root application)
+runs in a request scope, as WSGI and ASGI requests do; the response carries
+``X-Request-Id`` and ``X-View-Name`` (the route's name, else its template);
+``aiohttp.*`` metrics, without ``cpu`` (see ``docs/server.md``).
+
+Loaded by the registry when ``aiohttp.client`` or ``aiohttp.web_app`` is imported.
 """
 
 from __future__ import annotations
@@ -194,6 +199,100 @@ def _finish(call: client.Call, response: Any, error: BaseException | None) -> No
     client.record(call, response, error, "status")
 
 
-PATCHES = (Patch("aiohttp.client", "ClientSession._request", request_wrapper),)
+# -- the server ------------------------------------------------------------------------
+
+
+def handle_wrapper(
+    wrapped: Callable[..., Any], app: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``Application._handle(request)``: the root application's every request."""
+    cfg = config.current
+    if cfg is None or len(args) != 1 or kwargs:
+        return wrapped(*args, **kwargs)
+    return _handle(cfg, wrapped, args[0])
+
+
+async def _handle(cfg: Config, wrapped: Callable[..., Any], web_request: Any) -> Any:
+    from agent.http import server
+
+    try:
+        headers = web_request.headers
+        request, scope = server.begin(
+            cfg,
+            str(web_request.method),
+            headers.get(cfg.id_header),
+            headers.get(cfg.deadline_header),
+            headers.get(propagation.TIMEOUT_HEADER),
+            headers.get(propagation.PRIORITY_HEADER),
+        )
+        request.kind = "aiohttp"
+    except Exception:
+        _log.log_once("aiohttp-begin", "agent: reading an aiohttp request failed", exc_info=True)
+        return await wrapped(web_request)
+    scope_token = context._scope.set(scope)
+    request_token = server.current.set(request)
+    try:
+        response = await wrapped(web_request)
+    except BaseException as exc:
+        status = getattr(exc, "status", None)  # an HTTPException is a response
+        if isinstance(status, int):
+            request.status = status
+            request.complete = True
+            _name(request, web_request)
+            if status >= 500:
+                request.error = exc
+        elif _is_cancelled(exc):  # the client went away and aiohttp cancelled the handler
+            request.status = request.status or server.CLIENT_CLOSED_REQUEST
+        else:
+            request.error = exc
+        raise
+    else:
+        try:
+            request.status = int(response.status)
+            request.complete = True
+            _name(request, web_request)
+            if not response.prepared:  # a streamed response has sent its headers already
+                response_headers = response.headers
+                if cfg.id_header not in response_headers:
+                    response_headers[cfg.id_header] = request.request_id
+                if request.view and propagation.VIEW_HEADER not in response_headers:
+                    response_headers[propagation.VIEW_HEADER] = request.view
+        except Exception:
+            _log.log_once("aiohttp-headers", "agent: adding response headers failed", exc_info=True)
+        return response
+    finally:
+        server.finish(request)
+        try:
+            server.current.reset(request_token)
+            context._scope.reset(scope_token)
+        except ValueError:  # pragma: no cover - left from another context
+            server.current.set(None)
+            context._scope.set(context.EMPTY)
+
+
+def _name(request: Any, web_request: Any) -> None:
+    """The view: the route's name, else its resource's template (never a path with ids)."""
+    try:
+        route = web_request.match_info.route
+        name = getattr(route, "name", None)
+        if not name:
+            resource = getattr(route, "resource", None)
+            name = getattr(resource, "canonical", None)
+        if isinstance(name, str) and name:
+            request.view = name
+    except Exception:
+        pass
+
+
+def _is_cancelled(exc: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(exc, asyncio.CancelledError)
+
+
+PATCHES = (
+    Patch("aiohttp.client", "ClientSession._request", request_wrapper),
+    Patch("aiohttp.web_app", "Application._handle", handle_wrapper),
+)
 
 __all__ = ["PATCHES", "SUPPORTED", "CircuitOpen", "DeadlineExceeded", "installed_version"]
