@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from agent import wsgi as wsgi
     from agent.config import Config
     from agent.http.breaker import CircuitOpen
+    from agent.http.hedge import hedged, hedged_sync
     from agent.metrics.timed import timed
     from agent.naming import register_endpoint_name
     from agent.sessions import get_session
@@ -40,6 +41,8 @@ __all__ = [
     "deadline_timeout",
     "flush",
     "get_session",
+    "hedged",
+    "hedged_sync",
     "install",
     "metric_names",
     "priority",
@@ -124,6 +127,8 @@ def flush(timeout: float = 2.0) -> bool:
 
 _LAZY = {
     "CircuitOpen": ("agent.http.breaker", "CircuitOpen"),
+    "hedged": ("agent.http.hedge", "hedged"),
+    "hedged_sync": ("agent.http.hedge", "hedged_sync"),
     "get_session": ("agent.sessions", "get_session"),
     "register_endpoint_name": ("agent.naming", "register_endpoint_name"),
     "request_timeout": ("agent.wsgi", "request_timeout"),

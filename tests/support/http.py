@@ -8,6 +8,7 @@ Paths choose behaviour, so one server serves every scenario:
 - ``/flaky/<key>/<n>``: 503 for the first ``n`` requests of ``key``, then 200;
 - ``/busy/<key>/<n>/<seconds>``: 429 with ``Retry-After: <seconds>`` for the first
   ``n`` requests of ``key``, then 200;
+- ``/slow-first/<key>/<seconds>``: the first request of ``key`` sleeps, the others do not;
 - ``/redirect/<n>``: redirect ``n`` times, then 200;
 - ``/reset``: close the connection without answering;
 - ``/reset-once/<key>``: that for the first request of ``key``, then 200;
@@ -94,6 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.hit(parts[1]) <= int(parts[2]):
                 return Route(status=503, body=b"try again")
             return Route()
+        if kind == "slow-first":
+            return Route(delay=float(parts[2])) if self.server.hit(parts[1]) == 1 else Route()
         if kind == "busy":
             if self.server.hit(parts[1]) <= int(parts[2]):
                 return Route(status=429, body=b"busy", headers={"Retry-After": parts[3]})
