@@ -43,12 +43,13 @@ def tests(session: nox.Session) -> None:
 @nox.parametrize(
     "libraries",
     [
-        nox.param("urllib3<2 requests~=2.28.0", id="oldest"),
-        nox.param("urllib3>=2 requests", id="newest"),
+        # aiohttp 3.10 is the oldest with wheels for the Python 3.13 this runs on.
+        nox.param("urllib3<2 requests~=2.28.0 httpx==0.23.* aiohttp==3.10.*", id="oldest"),
+        nox.param("urllib3>=2 requests httpx aiohttp", id="newest"),
     ],
 )
 def compat(session: nox.Session, libraries: str) -> None:
-    """The suite on the oldest and newest supported urllib3 and requests."""
+    """The suite on the oldest and newest supported urllib3, requests, httpx and aiohttp."""
     session.install("-e", ".[test]")
     session.install(*libraries.split())
     session.run("python", "-m", "pytest", *session.posargs)
