@@ -215,3 +215,57 @@ def test_the_interop_servers_do_not_run_this_agent(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+
+
+AIOHTTP_APP = """
+import os
+import httpx
+from aiohttp import web
+
+async def fan_out(request):
+    async with httpx.AsyncClient() as client:
+        answer = await client.get(os.environ["UPSTREAM"] + "/downstream")
+    return web.Response(text=answer.text)
+
+app = web.Application()
+app.router.add_get("/up", lambda request: web.Response(text="up"))
+app.router.add_get("/fan-out", fan_out)
+web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), print=None)
+"""
+
+
+@aio_request_missing
+def test_an_aio_request_client_through_an_aiohttp_app_calling_httpx(tmp_path, http_server):
+    import aio_request
+    import aiohttp
+
+    server = start(
+        tmp_path, "webapp.py", AIOHTTP_APP, launcher=[TALISKER_RUN], UPSTREAM=http_server.url
+    )
+    latest = []
+
+    async def call() -> int:
+        async with aiohttp.ClientSession() as session:
+            client = aio_request.setup(
+                transport=aio_request.AioHttpTransport(session), endpoint=server.url
+            )
+            started = time.monotonic()
+            deadline = aio_request.Deadline.from_timeout(3)
+            latest.append(datetime.now(timezone.utc) + timedelta(seconds=3))
+            async with client.request(
+                aio_request.get("fan-out"), deadline=deadline, priority=aio_request.Priority.HIGH
+            ) as response:
+                latest.append(latest[0] + timedelta(seconds=time.monotonic() - started))
+                return response.status
+
+    try:
+        status = asyncio.run(call())
+    finally:
+        server.stop()
+    assert status == 200, server.output()
+    (downstream,) = [r for r in http_server.requests if r.path == "/downstream"]
+    assert 0 < float(downstream.header("X-Request-Timeout")) <= 3
+    bound = latest[1].strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    assert downstream.header("X-Request-Deadline") <= bound
+    assert downstream.header("X-Request-Priority") == "high"
+    assert downstream.header("X-Request-Id")
