@@ -127,12 +127,26 @@ app = Starlette(routes=[Route("/hello", hello, name="hello")])
 """
 
 
-def test_talisker_run_uvicorn(tmp_path, statsd):
+@pytest.mark.parametrize("server_kind", ["uvicorn", "gunicorn"])
+def test_talisker_run_uvicorn_and_gunicorn_with_uvicorn_workers(tmp_path, statsd, server_kind):
     (tmp_path / "webapp.py").write_text(APP)
     port = free_port()
     env = clean_env(**statsd.env, PYTHONPATH=str(tmp_path), PATH=f"{BIN}:{clean_env()['PATH']}")
+    command = {
+        "uvicorn": ["uvicorn", "--port", str(port), "webapp:app"],
+        "gunicorn": [
+            "gunicorn",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "webapp:app",
+        ],
+    }[server_kind]
     server = subprocess.Popen(
-        [str(BIN / "talisker-run"), "uvicorn", "--port", str(port), "webapp:app"],
+        [str(BIN / "talisker-run"), *command],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
