@@ -143,11 +143,11 @@ def test_run_in_executor_keeps_the_request_scope(install_agent, http_server):
 
     async def main():
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            await asyncio.gather(*(one(n, pool) for n in range(50)))
+            await asyncio.gather(*(one(n, pool) for n in range(200)))
             await asyncio.get_running_loop().run_in_executor(pool, blocking, "none")
 
     asyncio.run(main())
-    assert sorted(seen[:-1]) == sorted(f"req-{n}" for n in range(50))
+    assert sorted(seen[:-1]) == sorted(f"req-{n}" for n in range(200))
     assert seen[-1] is None  # outside a scope, as without the agent
     for recorded in http_server.requests:
         n = recorded.path.rsplit("/", 1)[1]
