@@ -66,6 +66,7 @@ CATEGORIES = {
     "child-stderr": ("agent", "deadline"),
     "deadline-timeout": ("deadline",),
     "deadline-dsn": ("deadline",),
+    "deadline-retry": ("deadline",),
 }
 GOOD = "passed"
 
@@ -197,6 +198,11 @@ SUITES = [
         # `dev` is `test` plus what the TLS tests need (trustme, cryptography, pyOpenSSL).
         uv_lock_group("dev"),
         metric="requests.count",
+        # In the loopback-only namespace a connect to the tarpit address fails at once
+        # instead of timing out, so which pool thread connects next is up to the
+        # scheduler: the test's "one thread after another" assertion fails plain too,
+        # now and then, and more often beside any other thread (the agent's).
+        pytest_args=("-k", "not test_http2_probe_blocked_per_thread"),
     ),
     Suite(
         "urllib3-1.26",
