@@ -79,16 +79,27 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS[-1:])
 def bench(session: nox.Session) -> None:
-    """Benchmark scripts: each prints its figures and ratios."""
+    """Benchmark scripts: each prints its figures and ratios.
+
+    `nox -s bench -- instructions` runs only the callgrind instruction counts
+    (about 3 minutes), `-- timing` only the wall-clock scripts.
+    """
     session.install("-e", ".[test]")
-    for script in (
-        "startup.py",
-        "metric_call.py",
-        "http_overhead.py",
-        "sql_overhead.py",
-        "wsgi_overhead.py",
-    ):
-        session.run("python", f"benchmarks/{script}")
+    which = set(session.posargs) or {"timing", "instructions"}
+    if "timing" in which:
+        for script in (
+            "startup.py",
+            "metric_call.py",
+            "http_overhead.py",
+            "sql_overhead.py",
+            "wsgi_overhead.py",
+        ):
+            session.run("python", f"benchmarks/{script}")
+    if "instructions" in which:
+        if shutil.which("valgrind") is None:
+            session.warn("valgrind not found: benchmarks/instructions.py skipped")
+        else:
+            session.run("python", "benchmarks/instructions.py")
 
 
 # The upstream suites run on one Python: 3.12 where found (urllib3 1.26's pinned

@@ -8,6 +8,7 @@ import random
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -91,3 +92,55 @@ def paired_ratio(base: list[float], other: list[float]) -> tuple[float, float, f
 def format_ratio(ratio: tuple[float, float, float]) -> str:
     median, low, high = ratio
     return f"{median:.3f} ({low:.3f}-{high:.3f})"
+
+
+# A fast server: a thread per keep-alive connection answering each request head with
+# a canned response. It parses nothing, so the header bytes the agent adds cost the
+# server nothing and what is measured is the client's (the application's) cost.
+SERVER = textwrap.dedent(
+    """
+    import os, socket, threading
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {1})
+    RESPONSE = (b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nX-View-Name: bench\\r\\n"
+                b"Content-Type: text/plain\\r\\n\\r\\nok")
+    def serve(conn):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return conn.close()
+            buf += data
+            while b"\\r\\n\\r\\n" in buf:
+                _, buf = buf.split(b"\\r\\n\\r\\n", 1)
+                conn.sendall(RESPONSE)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    """
+)
+
+RECEIVER = textwrap.dedent(
+    """
+    import os, socket
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {1})
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1], flush=True)
+    while True:
+        s.recv(65535)
+    """
+)
+
+
+def start(code: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())

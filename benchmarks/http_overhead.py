@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -33,63 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["TALISKER_ENABLED"] = "false"  # installed explicitly, round by round
 
-from _util import format_ratio, paired_ratio, run_alternating  # noqa: E402
+from _util import (  # noqa: E402
+    RECEIVER,
+    SERVER,
+    format_ratio,
+    paired_ratio,
+    run_alternating,
+    start,
+)
 
 import agent  # noqa: E402
 from agent import config  # noqa: E402
 
-# A fast server: a thread per keep-alive connection answering each request head with
-# a canned response. It parses nothing, so the header bytes the agent adds cost the
-# server nothing and what is measured is the client's (the application's) cost.
-SERVER = textwrap.dedent(
-    """
-    import os, socket, threading
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
-        os.sched_setaffinity(0, {1})
-    RESPONSE = (b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nX-View-Name: bench\\r\\n"
-                b"Content-Type: text/plain\\r\\n\\r\\nok")
-    def serve(conn):
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = b""
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return conn.close()
-            buf += data
-            while b"\\r\\n\\r\\n" in buf:
-                _, buf = buf.split(b"\\r\\n\\r\\n", 1)
-                conn.sendall(RESPONSE)
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    print(listener.getsockname()[1], flush=True)
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-    """
-)
-
-RECEIVER = textwrap.dedent(
-    """
-    import os, socket
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
-        os.sched_setaffinity(0, {1})
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    print(s.getsockname()[1], flush=True)
-    while True:
-        s.recv(65535)
-    """
-)
-
 TARGETS = {"urllib3": 1.05, "requests": 1.03}
-
-
-def start(code: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
 
 
 def run_round(do_request, n: int) -> float:

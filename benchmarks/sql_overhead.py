@@ -35,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["TALISKER_ENABLED"] = "false"  # installed explicitly, round by round
 
-from _util import format_ratio, paired_ratio, run_alternating  # noqa: E402
-from http_overhead import RECEIVER, start  # noqa: E402
+from _util import RECEIVER, format_ratio, paired_ratio, run_alternating, start  # noqa: E402
 
 import agent  # noqa: E402
 from agent import config  # noqa: E402

@@ -121,8 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="rounds per mode")
     opts = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    from _util import format_ratio, paired_ratio, run_alternating
-    from http_overhead import RECEIVER, start
+    from _util import RECEIVER, format_ratio, paired_ratio, run_alternating, start
 
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {0})

@@ -1,0 +1,245 @@
+"""The measured process of ``benchmarks/instructions.py``, run under callgrind.
+
+``python _instructions_child.py PATH MODE N``: makes N calls of PATH (or, for
+``wsgi``, serves requests until the client closes its connection) and writes a
+JSON report to ``$BENCH_REPORT``. In ``raw`` mode the agent is never imported
+(checked); in ``agent`` mode it is activated by ``import agent`` from the
+environment, as an application's ``sitecustomize`` would, and the child checks
+that it came from ``$BENCH_AGENT_ROOT`` and that the path's instrumentation is
+in place, so a silent no-op cannot pass for a figure. Everything but the mode
+is the same in both: the environment, the loops, the libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+#: Long enough never to expire under callgrind (about 50x slower than native).
+DEADLINE = 3600
+
+
+class _NoScope:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def scope(mode: str):
+    """The request context the calls run in: a deadline in agent mode, nothing in raw."""
+    if mode == "agent":
+        import agent
+
+        return agent.request_context(deadline=DEADLINE)
+    return _NoScope()
+
+
+def instrumented(owner: object, attr: str) -> bool:
+    from agent import registry
+
+    return isinstance(vars(owner)[attr], registry.wrapper_class())
+
+
+def check_instrumented(mode: str, owner: object, attr: str) -> None:
+    if mode == "agent" and not instrumented(owner, attr):
+        raise SystemExit(f"{owner!r}.{attr} is not instrumented: the agent is not in place")
+
+
+def run_urllib3(mode: str, n: int) -> float:
+    import urllib3
+
+    check_instrumented(mode, urllib3.connectionpool.HTTPConnectionPool, "urlopen")
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", int(os.environ["BENCH_HTTP_PORT"]), maxsize=1)
+    with scope(mode):
+        start = time.perf_counter()
+        for _ in range(n):
+            pool.urlopen("GET", "/").data  # noqa: B018 - the body is read, as an application does
+        return time.perf_counter() - start
+
+
+def run_requests(mode: str, n: int) -> float:
+    import requests
+
+    check_instrumented(mode, requests.sessions.Session, "send")
+    session = requests.Session()
+    url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
+    with scope(mode):
+        start = time.perf_counter()
+        for _ in range(n):
+            session.get(url).content  # noqa: B018
+        return time.perf_counter() - start
+
+
+def _pg_connect(mode: str, autocommit: bool):
+    import psycopg2
+
+    check_instrumented(mode, psycopg2, "connect")
+    conn = psycopg2.connect(os.environ["BENCH_DSN"])
+    if mode == "agent" and type(conn) is psycopg2.extensions.connection:
+        raise SystemExit("psycopg2.connect gave an untimed connection")
+    conn.autocommit = autocommit
+    return conn
+
+
+def run_pg_autocommit(mode: str, n: int) -> float:
+    conn = _pg_connect(mode, autocommit=True)
+    cur = conn.cursor()
+    with scope(mode):
+        start = time.perf_counter()
+        for _ in range(n):  # sql_overhead.run_round's loop
+            cur.execute("SELECT 1")
+            cur.fetchone()
+        seconds = time.perf_counter() - start
+    conn.close()
+    return seconds
+
+
+def run_pg_transaction(mode: str, n: int) -> float:
+    """One transaction per call: BEGIN (psycopg2's), the statement, COMMIT."""
+    conn = _pg_connect(mode, autocommit=False)
+    cur = conn.cursor()
+    commit = conn.commit
+    with scope(mode):
+        start = time.perf_counter()
+        for _ in range(n):
+            cur.execute("SELECT 1")
+            cur.fetchone()
+            commit()
+        seconds = time.perf_counter() - start
+    conn.close()
+    return seconds
+
+
+def run_wsgi(mode: str, n: int) -> float:
+    """Serve a trivial Flask view with wsgiref, keep-alive, until the client closes.
+
+    ``n`` is the client's business (``instructions.py`` sends that many requests
+    on one connection); the port is printed on stdout once listening.
+    """
+    from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
+
+    import flask
+
+    check_instrumented(mode, flask.Flask, "wsgi_app")
+    app = flask.Flask("bench")
+
+    @app.route("/")
+    def index() -> str:
+        return "ok"
+
+    class Handler(ServerHandler):
+        http_version = "1.1"
+        os_environ: dict[str, str] = {}  # noqa: RUF012 - as gunicorn: the process's not copied in
+
+    class KeepAlive(WSGIRequestHandler):
+        """wsgiref's handler, serving the requests of a connection until it closes."""
+
+        protocol_version = "HTTP/1.1"
+        wbufsize = -1  # a response in one send (wsgiref writes its head line by line)
+        disable_nagle_algorithm = True
+        served = 0
+        seconds = 0.0
+
+        def handle(self) -> None:
+            start = time.perf_counter()
+            while True:
+                self.raw_requestline = self.rfile.readline(65537)
+                if not self.raw_requestline or not self.parse_request():
+                    break
+                handler = Handler(
+                    self.rfile, self.wfile, self.get_stderr(), self.get_environ(),
+                    multithread=False,
+                )  # fmt: skip
+                handler.request_handler = self
+                handler.run(self.server.get_app())
+                self.wfile.flush()
+                KeepAlive.served += 1
+            KeepAlive.seconds = time.perf_counter() - start
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = WSGIServer(("127.0.0.1", 0), KeepAlive)
+    server.set_app(app)
+    print(server.server_address[1], flush=True)
+    server.handle_request()  # the one keep-alive connection
+    server.server_close()
+    if KeepAlive.served != n:
+        raise SystemExit(f"served {KeepAlive.served} requests, expected {n}")
+    return KeepAlive.seconds
+
+
+def run_idle(mode: str, n: int) -> float:
+    """The agent's time-driven work: one metric recorded, then n centiseconds asleep."""
+    if mode != "agent":
+        raise SystemExit("idle measures the agent only")
+    from agent import metrics
+
+    metrics.count("bench.idle", 1)  # starts the metrics thread
+    start = time.perf_counter()
+    time.sleep(n / 100)
+    return time.perf_counter() - start
+
+
+PATHS = {
+    "urllib3": run_urllib3,
+    "requests": run_requests,
+    "psycopg2-autocommit": run_pg_autocommit,
+    "psycopg2-transaction": run_pg_transaction,
+    "wsgi": run_wsgi,
+    "idle": run_idle,
+}
+
+
+def shift_layout(seed: int) -> list[object]:
+    """Allocate (and keep) a seed-chosen number of objects of every small size class.
+
+    CPython's type attribute cache indexes by the address of the attribute's name:
+    where the strings of the code imported next land decides which lookups collide
+    and miss, which moves a path's count by up to 0.5%, as any change to the
+    environment's size or to the code imported before does. Each seed is another
+    heap layout; the parent averages over several, the same for every checkout.
+    """
+    keep: list[object] = []
+    x = seed
+    for size in range(1, 497, 16):  # bytes objects of 48 to 528 bytes: each pymalloc class
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        keep.extend(bytes(size) for _ in range(x % 8 if seed else 0))
+    x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+    keep.extend(float(i) for i in range(x % 8 if seed else 0))  # the 32-byte class
+    return keep
+
+
+def main() -> None:
+    layout = shift_layout(int(os.environ.get("BENCH_LAYOUT", "0")))
+    path, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    report: dict[str, object] = {"path": path, "mode": mode, "n": n, "layout": len(layout)}
+    if mode == "agent":
+        import agent
+
+        root = os.path.realpath(os.environ["BENCH_AGENT_ROOT"])
+        where = os.path.realpath(agent.__file__)
+        if not where.startswith(root + os.sep):
+            raise SystemExit(f"agent imported from {where}, not from {root}")
+        report["agent_file"] = where
+    elif mode != "raw":
+        raise SystemExit(f"unknown mode {mode!r}")
+    report["seconds"] = PATHS[path](mode, n)
+    if mode == "agent":
+        import agent
+
+        # Everything recorded is aggregated and sent inside the measured process.
+        if not agent.flush(600):
+            raise SystemExit("the agent's final flush did not complete")
+    elif "agent" in sys.modules:
+        raise SystemExit("raw mode imported the agent")
+    with open(os.environ["BENCH_REPORT"], "w") as out:
+        json.dump(report, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Instructions per call of the hot paths, with and without the agent, counted by callgrind.
+
+Wall-clock overheads on a shared VM move by more than the 1% a change to a hot
+path may cost; instruction counts do not. Each path runs in a fresh process
+under ``valgrind --tool=callgrind`` (``_instructions_child.py``), twice: with N
+and with M calls. The difference of the two totals, divided by M - N, is the
+cost of one call with the process's start-up, imports, connection set-up and
+exit cancelled. Every thread of the measured process is counted (the agent's
+metrics thread too: the records of the calls are aggregated and sent by a
+final ``agent.flush()`` inside the process); the server of an HTTP or SQL path
+runs in another process and is not counted, nor is the client of the WSGI path.
+
+Paths: ``urllib3`` and ``requests`` (keep-alive GETs against a loopback server
+in another process), ``psycopg2-autocommit`` (``SELECT 1``),
+``psycopg2-transaction`` (``SELECT 1`` and ``COMMIT``, a transaction per
+call), each under ``agent.request_context(deadline=3600)`` in agent mode; and
+``wsgi`` (a trivial Flask view, served by wsgiref in the measured process with
+keep-alive, the agent's middleware put in by its Flask instrumentation; a raw
+socket client in this process). Modes: ``raw`` (the agent is never imported)
+and ``agent``.
+
+What moves a count besides the code, and what is done about it:
+
+- The heap layout: CPython's type attribute cache is indexed by the address of
+  the attribute's name, so where the imported code's strings land decides
+  which lookups miss (up to 0.5% of a path). The child's environment and argv
+  have the same length in every run and for every checkout, and each figure is
+  the mean over ``--layouts`` heap layouts (the child allocates a seed-chosen
+  number of objects of each size class first); ``layouts`` is their spread.
+- Time-driven work: under callgrind (about 50x slower) a periodic job is
+  charged fifty times its real share per call. The flush interval is an hour
+  and runtime CPU metrics are off; what cannot be turned off (the metrics
+  thread's queue check every 0.1 s) is measured by the ``idle`` path, an agent
+  process asleep, and each sample's share (that rate times its wall time) is
+  taken out: ``untimed``. ``counted`` is the count as it is.
+- Hash randomisation: ``PYTHONHASHSEED=0``.
+
+``--agent-root DIR`` runs the agent of another checkout (``git worktree add
+--detach /tmp/ref REV``); the child checks that ``agent.__file__`` is under it.
+``--json OUT`` writes the figures, ``--compare OLD.json`` prints before and
+after; ``--repeat`` measures each layout again (``repeats``: their spread).
+Needs valgrind and the PostgreSQL of ``TALISKER_TEST_POSTGRES_DSN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import glob
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CHILD = HERE / "_instructions_child.py"
+sys.path.insert(0, str(HERE))
+
+from _util import RECEIVER, SERVER, start  # noqa: E402
+from wsgi_overhead import RawClient  # noqa: E402
+
+DSN = os.environ.get("TALISKER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+PATHS = ("urllib3", "requests", "psycopg2-autocommit", "psycopg2-transaction", "wsgi")
+MODES = ("raw", "agent")
+#: The idle path's two lengths, in centiseconds of sleep.
+IDLE_LENGTHS = (100, 300)
+Row = dict[str, Any]
+LIBRARIES = ("urllib3", "requests", "psycopg2-binary", "flask", "werkzeug", "wrapt", "datadog")
+
+
+class Bench:
+    """The servers, the working directory and the runs of one invocation.
+
+    Every string the child's environment and argv hold has the same length in
+    every run and for every checkout (the agent root is a symlink of a fixed
+    name, run directories and call counts are fixed-width): their size moves
+    the heap, and the heap moves the counts (see ``shift_layout`` in the child).
+    """
+
+    def __init__(self, opts: argparse.Namespace, workdir: Path) -> None:
+        self.opts = opts
+        self.workdir = workdir
+        self.valgrind = shutil.which("valgrind")
+        if self.valgrind is None:
+            raise SystemExit("valgrind is not installed")
+        self.root = workdir / "root"
+        self.root.symlink_to(opts.agent_root, target_is_directory=True)
+        self.http, self.http_port = start(SERVER)
+        self.receiver, self.statsd_port = start(RECEIVER)
+        self.runs = 0
+
+    def close(self) -> None:
+        self.http.kill()
+        self.receiver.kill()
+
+    def env(self, report: Path, layout: int) -> dict[str, str]:
+        """The child's environment: the same in every mode (raw never imports the agent)."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("TALISKER_", "DD_", "STATSD_DSN", "PYTHON", "BENCH_"))
+        }
+        env.update(
+            PYTHONPATH=str(self.root),
+            PYTHONHASHSEED="0",
+            PYTHONDONTWRITEBYTECODE="1",
+            DD_DOGSTATSD_URL=f"udp://127.0.0.1:{self.statsd_port}",
+            TALISKER_METRICS_FLUSH_INTERVAL="3600",
+            TALISKER_RUNTIME_METRICS_INTERVAL="0",
+            BENCH_AGENT_ROOT=str(self.root),
+            BENCH_HTTP_PORT=str(self.http_port),
+            BENCH_DSN=DSN,
+            BENCH_REPORT=str(report),
+            BENCH_LAYOUT=f"{layout:03d}",
+        )
+        return env
+
+    def measure(self, path: str, mode: str, n: int, layout: int) -> dict[str, float]:
+        """One process under callgrind: instructions of its main and other threads, loop time."""
+        self.runs += 1
+        run_dir = self.workdir / f"{self.runs:05d}"
+        run_dir.mkdir()
+        report = run_dir / "report.json"
+        cmd = [
+            self.valgrind, "-q", "--tool=callgrind", "--separate-threads=yes",
+            f"--callgrind-out-file={run_dir}/callgrind.out",
+            sys.executable, str(CHILD), path, mode, f"{n:06d}",
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            env=self.env(report, layout),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=run_dir,
+        )
+        try:
+            if path == "wsgi":
+                self.drive_wsgi(proc, n)
+            out, err = proc.communicate(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0 or not report.exists():
+            raise SystemExit(
+                f"{path} {mode} {n}: the measured process failed ({proc.returncode})\n{out}{err}"
+            )
+        threads = {}
+        for name in glob.glob(f"{run_dir}/callgrind.out-*"):
+            with open(name) as f:
+                for line in f:
+                    if line.startswith("summary:"):
+                        threads[name.rsplit("-", 1)[1]] = int(line.split()[1])
+        if "01" not in threads:
+            raise SystemExit(f"{path} {mode} {n}: no callgrind output in {run_dir}")
+        figures = json.loads(report.read_text())
+        if mode == "agent" and not figures["agent_file"].startswith(f"{self.opts.agent_root}/"):
+            raise SystemExit(f"the agent came from {figures['agent_file']}")
+        if self.opts.keep:
+            shutil.copytree(run_dir, Path(self.opts.keep) / f"{path}-{mode}-L{layout}-{n}")
+        shutil.rmtree(run_dir)
+        main = threads.pop("01")
+        return {
+            "total": main + sum(threads.values()),
+            "main": main,
+            "other": sum(threads.values()),
+            "seconds": figures["seconds"],
+        }
+
+    def drive_wsgi(self, proc: subprocess.Popen[str], n: int) -> None:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            return  # it failed: communicate() collects why
+        client = RawClient(int(line))
+        for _ in range(n):
+            if client.get("/") != b"ok":
+                raise SystemExit("the WSGI view did not answer ok")
+        client.sock.close()
+
+    def per_call(
+        self, path: str, mode: str, lengths: tuple[int, int], layout: int
+    ) -> dict[str, float]:
+        """The cost of one call: two processes of the same layout, differenced."""
+        small, big = (self.measure(path, mode, n, layout) for n in lengths)
+        calls = lengths[1] - lengths[0]
+        return {key: (big[key] - small[key]) / calls for key in big} | {"layout": layout}
+
+
+def summarise(path: str, mode: str, samples: list[dict[str, float]], idle: float | None) -> Row:
+    """One row: means over layouts (of the median of a layout's repeats), and the spreads.
+
+    ``untimed`` is each sample's count less its time-driven share (the idle
+    rate times the sample's wall time under callgrind, which the host's load
+    stretches); spreads are of ``untimed``.
+    """
+    rate = idle if idle is not None and mode == "agent" else 0.0
+    for sample in samples:
+        sample["untimed"] = sample["total"] - rate * sample["seconds"]
+    layouts = sorted({int(s["layout"]) for s in samples})
+
+    def mean_of_layouts(key: str) -> float:
+        return statistics.fmean(per_layout(key))
+
+    def per_layout(key: str) -> list[float]:
+        return [
+            statistics.median(s[key] for s in samples if s["layout"] == layout)
+            for layout in layouts
+        ]
+
+    untimed = per_layout("untimed")
+    mean = statistics.fmean(untimed)
+    repeat_spread = 0.0
+    for layout in layouts:
+        runs = [s["untimed"] for s in samples if s["layout"] == layout]
+        repeat_spread = max(repeat_spread, (max(runs) - min(runs)) / mean)
+    return {
+        "path": path,
+        "mode": mode,
+        "instructions": mean_of_layouts("total"),
+        "untimed": mean,
+        "main_thread": mean_of_layouts("main"),
+        "other_threads": mean_of_layouts("other"),
+        "time_driven": mean_of_layouts("total") - mean,
+        "seconds_under_callgrind": mean_of_layouts("seconds"),
+        "per_layout": untimed,
+        "layout_spread": (max(untimed) - min(untimed)) / mean,
+        "repeat_spread": repeat_spread,
+        "samples": samples,
+    }
+
+
+def measure_all(opts: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="talisker-instr-") as tmp:
+        bench = Bench(opts, Path(tmp))
+        began = time.monotonic()
+        rows: dict[str, Row] = {}
+        idle = None
+        try:
+            if "agent" in opts.modes and not opts.no_idle:
+                sample = bench.per_call("idle", "agent", IDLE_LENGTHS, 1)
+                # per centisecond asleep / seconds per centisecond: per second of wall time
+                idle = sample["total"] / sample["seconds"]
+            lengths = (opts.small, opts.big)
+            for path in opts.paths:
+                for mode in opts.modes:
+                    samples = [
+                        bench.per_call(path, mode, lengths, layout)
+                        for layout in range(1, opts.layouts + 1)
+                        for _ in range(opts.repeat)
+                    ]
+                    rows[f"{path} {mode}"] = summarise(path, mode, samples, idle)
+                    print_row(rows[f"{path} {mode}"], first=len(rows) == 1)
+        finally:
+            bench.close()
+        return {
+            "agent_root": str(opts.agent_root),
+            "agent_commit": commit_of(opts.agent_root),
+            "lengths": [opts.small, opts.big],
+            "layouts": opts.layouts,
+            "repeat": opts.repeat,
+            "python": platform.python_version(),
+            "valgrind": subprocess.run(
+                ["valgrind", "--version"], capture_output=True, text=True, check=False
+            ).stdout.strip(),
+            "libraries": {name: version_of(name) for name in LIBRARIES},
+            "idle_instructions_per_second": idle,
+            "minutes": round((time.monotonic() - began) / 60, 1),
+            "rows": rows,
+        }
+
+
+def print_row(row: Row, first: bool) -> None:
+    if first:
+        print(
+            f"{'path':<22} {'mode':<6} {'untimed':>10} {'counted':>10} {'main':>10} "
+            f"{'other':>8} {'layouts':>8} {'repeats':>8}   (instructions per call)"
+        )
+    print(
+        f"{row['path']:<22} {row['mode']:<6} {row['untimed']:>10,.0f} "
+        f"{row['instructions']:>10,.0f} {row['main_thread']:>10,.0f} "
+        f"{row['other_threads']:>8,.0f} {row['layout_spread']:>8.2%} {row['repeat_spread']:>8.2%}",
+        flush=True,
+    )
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Before (old) and after (new), per path: the agent's figure, its ratio, what it adds.
+
+    Figures are ``untimed`` (the time-driven share out); ``counted/counted`` is
+    the ratio of the counts as they are. ``raw A/A`` compares the two files'
+    raw figures, which no agent code touches: how far apart two measurements
+    of the same thing are.
+    """
+    old_rows, new_rows = old["rows"], new["rows"]
+    for name in ("libraries", "python", "lengths"):
+        if old.get(name) != new.get(name):
+            print(f"warning: {name} differ: {old.get(name)} before, {new.get(name)} after")
+    print(
+        f"\nbefore: {old['agent_commit'] or old['agent_root']}, "
+        f"after: {new['agent_commit'] or new['agent_root']} (instructions per call)"
+    )
+    print(
+        f"{'path':<22} {'raw':>10} {'raw A/A':>8} {'before':>10} {'after':>10} "
+        f"{'after/before':>12} {'counted':>8} {'added before':>12} {'added after':>12}"
+    )
+    for path in dict.fromkeys(row["path"] for row in new_rows.values()):
+        before, after = old_rows.get(f"{path} agent"), new_rows.get(f"{path} agent")
+        if before is None or after is None:
+            continue
+        raw_old, raw_new = old_rows.get(f"{path} raw"), new_rows.get(f"{path} raw")
+        ratio = after["untimed"] / before["untimed"]
+        counted = after["instructions"] / before["instructions"]
+        cells = [
+            f"{path:<22}",
+            f"{raw_new['untimed']:>10,.0f}" if raw_new else f"{'-':>10}",
+            f"{raw_new['untimed'] / raw_old['untimed']:>8.4f}"
+            if raw_new and raw_old
+            else f"{'-':>8}",
+            f"{before['untimed']:>10,.0f}",
+            f"{after['untimed']:>10,.0f}",
+            f"{ratio:>12.4f}",
+            f"{counted:>8.4f}",
+            f"{before['untimed'] - raw_old['untimed']:>+12,.0f}" if raw_old else f"{'-':>12}",
+            f"{after['untimed'] - raw_new['untimed']:>+12,.0f}" if raw_new else f"{'-':>12}",
+        ]
+        print(" ".join(cells) + ("  more than 1% more" if ratio > 1.01 else ""))
+
+
+def commit_of(root: Path) -> str | None:
+    result = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--", "agent"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return result.stdout.strip() + ("+changes" if dirty else "")
+
+
+def version_of(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--agent-root", type=Path, default=ROOT, help="the checkout whose agent/ is measured"
+    )
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
+    parser.add_argument("--small", type=int, default=100, help="calls in the short run")
+    parser.add_argument("--big", type=int, default=700, help="calls in the long run")
+    parser.add_argument("--layouts", type=int, default=2, help="heap layouts averaged per row")
+    parser.add_argument("--repeat", type=int, default=1, help="measurements per layout")
+    parser.add_argument("--no-idle", action="store_true", help="skip the idle calibration")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--compare", type=Path, help="a --json file to compare with (before)")
+    parser.add_argument("--keep", type=Path, help="copy the callgrind files to this directory")
+    opts = parser.parse_args()
+    opts.agent_root = opts.agent_root.resolve()
+    if opts.keep:
+        opts.keep.mkdir(parents=True, exist_ok=True)
+    opts.paths = [p for p in opts.paths.split(",") if p]
+    opts.modes = [m for m in opts.modes.split(",") if m]
+    for path in opts.paths:
+        if path not in PATHS:
+            parser.error(f"unknown path {path!r}; known: {', '.join(PATHS)}")
+    if not (opts.agent_root / "agent" / "__init__.py").exists():
+        parser.error(f"no agent package in {opts.agent_root}")
+    # Bytecode, as `pip install` writes it: without it each run compiles the agent.
+    compileall.compile_dir(str(opts.agent_root / "agent"), quiet=1)
+
+    figures = measure_all(opts)
+    print(
+        f"({figures['minutes']} min; lengths {opts.small} and {opts.big} calls; "
+        f"agent from {figures['agent_commit'] or opts.agent_root})"
+    )
+    if opts.json:
+        opts.json.write_text(json.dumps(figures, indent=2) + "\n")
+    if opts.compare:
+        compare(json.loads(opts.compare.read_text()), figures)
+
+
+if __name__ == "__main__":
+    main()
