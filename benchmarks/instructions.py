@@ -122,6 +122,9 @@ class Bench:
             BENCH_REPORT=str(report),
             BENCH_LAYOUT=f"{layout:03d}",
         )
+        for item in self.opts.extra_env:  # compare runs with values of the same length
+            name, _, value = item.partition("=")
+            env[name] = value
         return env
 
     def measure(self, path: str, mode: str, n: int, layout: int) -> dict[str, float]:
@@ -376,6 +379,13 @@ def main() -> None:
     parser.add_argument("--no-idle", action="store_true", help="skip the idle calibration")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--compare", type=Path, help="a --json file to compare with (before)")
+    parser.add_argument(
+        "--extra-env",
+        action="append",
+        default=[],
+        help="NAME=VALUE for the child (e.g. TALISKER_RETRY_POLICY=*:3); give runs you "
+        "compare values of the same length (an unknown TALISKER_ name pads)",
+    )
     parser.add_argument("--keep", type=Path, help="copy the callgrind files to this directory")
     opts = parser.parse_args()
     opts.agent_root = opts.agent_root.resolve()

@@ -243,3 +243,24 @@ def test_an_aiohttp_app_under_talisker_run_gets_the_request_scope(tmp_path, stat
     assert statsd.total("talisker.aiohttp.errors", status="500") == 1
     assert statsd.total("talisker.aiohttp.errors", status="404") == 0
     assert statsd.total("talisker.aiohttp.requests", status="404") == 1
+
+
+def aiohttp_error_of(statsd):
+    sent(statsd, ERRORS)
+    (metric,) = statsd.find(ERRORS)
+    return metric.tag("type"), metric.tag("code")
+
+
+def test_a_timeout_without_a_deadline_is_a_timeout(install_agent, statsd, http_server):
+    install_agent()
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(get(http_server.url + "/delay/5", timeout=aiohttp.ClientTimeout(0.2)))
+    assert aiohttp_error_of(statsd) == ("timeout", "timeout")
+
+
+def test_a_name_that_does_not_resolve_is_its_resolver_error(install_agent, statsd):
+    install_agent()
+    with pytest.raises(aiohttp.ClientConnectorError):
+        asyncio.run(get("http://does-not-resolve.invalid:8080/"))
+    kind, code = aiohttp_error_of(statsd)
+    assert kind == "connection" and code in ("EAI_NONAME", "EAI_AGAIN")

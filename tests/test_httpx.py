@@ -128,3 +128,28 @@ def test_the_circuit_breaker_covers_httpx(install_agent, http_server, monkeypatc
         httpx.get(http_server.url + "/a")
     assert isinstance(raised.value, agent.CircuitOpen)
     assert len(http_server.requests) == 2
+
+
+def error_of(statsd):
+    sent(statsd, ERRORS)
+    (metric,) = statsd.find(ERRORS)
+    return metric.tag("type"), metric.tag("code")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_timeout_without_a_deadline_is_a_timeout(install_agent, statsd, http_server, mode):
+    install_agent()
+    with pytest.raises(httpx.ReadTimeout):
+        if mode == "sync":
+            httpx.get(http_server.url + "/delay/5", timeout=0.2)
+        else:
+            run(get_async(http_server.url + "/delay/5", timeout=0.2))
+    assert error_of(statsd) == ("timeout", "timeout")
+
+
+def test_a_name_that_does_not_resolve_is_its_resolver_error(install_agent, statsd):
+    install_agent()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get("http://does-not-resolve.invalid:8080/")
+    kind, code = error_of(statsd)
+    assert kind == "connection" and code in ("EAI_NONAME", "EAI_AGAIN")
