@@ -659,7 +659,7 @@ def test_each_retry_is_counted_with_its_reason_and_the_backoff_is_timed(
 @pytest.fixture
 def sleeps(monkeypatch):
     """The waits the agent makes between attempts (really made, and recorded)."""
-    from agent.instrumentation import urllib3 as instrumentation
+    from agent.instrumentation.urllib3 import retries as instrumentation
 
     made: list[float] = []
 
