@@ -30,6 +30,8 @@ __all__ = ["PolicyRetry", "apply_policy", "retry_sleep_wrapper"]
 _RETRIES = 4  # position in urlopen(method, url, body, headers, retries, ...)
 _current_call = client.current_call
 _time_left = context.time_left
+_policies: dict[tuple[int, str, Any], Any] = {}  # (retries, peer, budget) -> its PolicyRetry
+_POLICIES_LIMIT = 1024
 
 
 def apply_policy(
@@ -43,9 +45,17 @@ def apply_policy(
     given = args[_RETRIES] if len(args) > _RETRIES else kwargs.get("retries")
     if not _is_default_retry(given, pool):
         return args, kwargs
-    budget = retry.budget_for(call.peer or "unknown")
+    peer = call.peer or "unknown"
+    budget = retry.budget_for(peer)
     call.budget = budget
-    policy = PolicyRetry.for_policy(count, budget, call)
+    # A Retry is never changed by urllib3 (each retry is a new one): one per peer will do,
+    # and making one costs more than the rest of the attempt's work.
+    key = (count, peer, budget)
+    policy = _policies.get(key)
+    if policy is None:
+        if len(_policies) >= _POLICIES_LIMIT:
+            _policies.clear()
+        policy = _policies[key] = PolicyRetry.for_policy(count, budget, peer)
     if len(args) > _RETRIES:
         return (*args[:_RETRIES], policy, *args[_RETRIES + 1 :]), kwargs
     kwargs["retries"] = policy
@@ -74,10 +84,10 @@ def _is_default_retry(given: Any, pool: Any) -> bool:
 class PolicyRetry(Retry):
     """The retries of TALISKER_RETRY_POLICY (see :mod:`agent.http.retry`)."""
 
-    _talisker: tuple[Any, Any] | None = None  # (budget, call)
+    _talisker: tuple[Any, str] | None = None  # (budget, peer)
 
     @classmethod
-    def for_policy(cls, count: int, budget: Any, call: client.Call) -> PolicyRetry:
+    def for_policy(cls, count: int, budget: Any, peer: str) -> PolicyRetry:
         policy = cls(
             total=count,
             connect=count,
@@ -89,7 +99,7 @@ class PolicyRetry(Retry):
             raise_on_status=False,  # the last response is returned, as without retries
             respect_retry_after_header=True,
         )
-        policy._talisker = (budget, call)
+        policy._talisker = (budget, peer)
         return policy
 
     def new(self, **kw: Any) -> Any:
@@ -121,13 +131,10 @@ class PolicyRetry(Retry):
         if not redirect and self._talisker is not None:
             if response is not None and response.headers.get(retry.DO_NOT_RETRY):
                 raise MaxRetryError(_pool, url or "", error or ResponseError("X-Do-Not-Retry"))
-            budget, call = self._talisker
+            budget, peer = self._talisker
             if not budget.failure():
-                metrics.count(
-                    "requests.retries_throttled",
-                    1,
-                    (("peer", call.peer or "unknown"), ("method", call.method)),
-                )
+                tags = (("peer", peer), ("method", (method or "unknown").upper()))
+                metrics.count("requests.retries_throttled", 1, tags)
                 raise MaxRetryError(_pool, url or "", error or ResponseError("retry budget"))
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
