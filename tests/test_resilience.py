@@ -23,8 +23,10 @@ THROTTLED = "talisker.requests.retries_throttled"
 @pytest.fixture(autouse=True)
 def fresh_budgets(monkeypatch):
     from agent.http import retry
+    from agent.instrumentation.urllib3 import retries
 
     monkeypatch.setattr(retry, "_budgets", {})
+    monkeypatch.setattr(retries, "_plans", {})
 
 
 def flushed(statsd, name, at_least):

@@ -74,6 +74,8 @@ class Budget:
             return self.tokens > self.MAX_TOKENS / 2
 
     def success(self) -> None:
+        if self.tokens >= self.MAX_TOKENS:
+            return  # full: nothing to give back (the common case, without the lock)
         with self._lock:
             self.tokens = min(self.MAX_TOKENS, self.tokens + self.TOKEN_RATIO)
 

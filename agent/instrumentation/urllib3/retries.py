@@ -30,7 +30,7 @@ __all__ = ["PolicyRetry", "apply_policy", "retry_sleep_wrapper"]
 _RETRIES = 4  # position in urlopen(method, url, body, headers, retries, ...)
 _current_call = client.current_call
 _time_left = context.time_left
-_policies: dict[tuple[int, str, Any], Any] = {}  # (retries, peer, budget) -> its PolicyRetry
+_plans: dict[str, tuple[Any, Any, Any]] = {}  # peer -> _plan(...)
 _POLICIES_LIMIT = 1024
 
 
@@ -39,27 +39,39 @@ def apply_policy(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The first attempt of a call to a peer under TALISKER_RETRY_POLICY: if it has the
     library's default retries, the policy's instead (a Retry of the application's stays)."""
-    count = retry.retries_for(cfg.retry_policy, call.peer)
-    if count is None:
+    peer = call.peer or "unknown"
+    policies = cfg.retry_policy
+    plan = _plans.get(peer)
+    if plan is None or plan[0] is not policies:
+        plan = _plan(policies, peer)
+    if plan[1] is None:
         return args, kwargs
     given = args[_RETRIES] if len(args) > _RETRIES else kwargs.get("retries")
     if not _is_default_retry(given, pool):
         return args, kwargs
-    peer = call.peer or "unknown"
-    budget = retry.budget_for(peer)
-    call.budget = budget
-    # A Retry is never changed by urllib3 (each retry is a new one): one per peer will do,
-    # and making one costs more than the rest of the attempt's work.
-    key = (count, peer, budget)
-    policy = _policies.get(key)
-    if policy is None:
-        if len(_policies) >= _POLICIES_LIMIT:
-            _policies.clear()
-        policy = _policies[key] = PolicyRetry.for_policy(count, budget, peer)
+    call.budget = plan[2]
+    policy = plan[1]
     if len(args) > _RETRIES:
         return (*args[:_RETRIES], policy, *args[_RETRIES + 1 :]), kwargs
     kwargs["retries"] = policy
     return args, kwargs
+
+
+def _plan(policies: Any, peer: str) -> tuple[Any, Any, Any]:
+    """``(policies, its PolicyRetry for peer or None, the peer's budget)``, cached per peer.
+
+    A Retry is never changed by urllib3 (each retry is a new one): one per peer
+    will do, and making one costs more than the rest of an attempt's work.
+    """
+    count = retry.retries_for(policies, peer)
+    plan: tuple[Any, Any, Any] = (policies, None, None)
+    if count is not None:
+        budget = retry.budget_for(peer)
+        plan = (policies, PolicyRetry.for_policy(count, budget, peer), budget)
+    if len(_plans) >= _POLICIES_LIMIT:
+        _plans.clear()
+    _plans[peer] = plan
+    return plan
 
 
 def _is_default_retry(given: Any, pool: Any) -> bool:
