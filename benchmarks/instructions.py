@@ -300,10 +300,11 @@ def print_row(row: Row, first: bool) -> None:
 def compare(old: dict[str, Any], new: dict[str, Any]) -> None:
     """Before (old) and after (new), per path: the agent's figure, its ratio, what it adds.
 
-    Figures are ``untimed`` (the time-driven share out); ``counted/counted`` is
-    the ratio of the counts as they are. ``raw A/A`` compares the two files'
-    raw figures, which no agent code touches: how far apart two measurements
-    of the same thing are.
+    Figures are ``untimed`` (the time-driven share out); ``counted`` is the
+    ratio of the counts as they are. ``raw A/A`` compares the two files' raw
+    figures, which no agent code touches: how far apart two measurements of the
+    same thing are. ``raw`` and the agent's ``added`` cost use the mean of the
+    two raw figures (the same code, when the libraries are the same).
     """
     old_rows, new_rows = old["rows"], new["rows"]
     for name in ("libraries", "python", "lengths"):
@@ -321,22 +322,23 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> None:
         before, after = old_rows.get(f"{path} agent"), new_rows.get(f"{path} agent")
         if before is None or after is None:
             continue
-        raw_old, raw_new = old_rows.get(f"{path} raw"), new_rows.get(f"{path} raw")
+        raws = [
+            r["untimed"] for r in (old_rows.get(f"{path} raw"), new_rows.get(f"{path} raw")) if r
+        ]
+        raw = statistics.fmean(raws) if raws else None
         ratio = after["untimed"] / before["untimed"]
         counted = after["instructions"] / before["instructions"]
         cells = [
             f"{path:<22}",
-            f"{raw_new['untimed']:>10,.0f}" if raw_new else f"{'-':>10}",
-            f"{raw_new['untimed'] / raw_old['untimed']:>8.4f}"
-            if raw_new and raw_old
-            else f"{'-':>8}",
+            f"{raw:>10,.0f}" if raw is not None else f"{'-':>10}",
+            f"{raws[1] / raws[0]:>8.4f}" if len(raws) == 2 else f"{'-':>8}",
             f"{before['untimed']:>10,.0f}",
             f"{after['untimed']:>10,.0f}",
             f"{ratio:>12.4f}",
             f"{counted:>8.4f}",
-            f"{before['untimed'] - raw_old['untimed']:>+12,.0f}" if raw_old else f"{'-':>12}",
-            f"{after['untimed'] - raw_new['untimed']:>+12,.0f}" if raw_new else f"{'-':>12}",
         ]
+        for row in (before, after):
+            cells.append(f"{row['untimed'] - raw:>+12,.0f}" if raw is not None else f"{'-':>12}")
         print(" ".join(cells) + ("  more than 1% more" if ratio > 1.01 else ""))
 
 
