@@ -264,3 +264,10 @@ def test_a_name_that_does_not_resolve_is_its_resolver_error(install_agent, stats
         asyncio.run(get("http://does-not-resolve.invalid:8080/"))
     kind, code = aiohttp_error_of(statsd)
     assert kind == "connection" and code in ("EAI_NONAME", "EAI_AGAIN")
+
+
+def test_a_connection_closed_without_a_response_is_econnreset(install_agent, statsd, http_server):
+    install_agent()
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        asyncio.run(get(http_server.url + "/reset"))
+    assert aiohttp_error_of(statsd) == ("connection", "ECONNRESET")

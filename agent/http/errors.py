@@ -23,6 +23,7 @@ _ERRNO_LESS = (
     (ConnectionAbortedError, "ECONNABORTED"),
     (BrokenPipeError, "EPIPE"),
 )
+_DISCONNECTED_NAMES = frozenset({"ServerDisconnectedError"})  # aiohttp's
 _EAI_NAMES: dict[int, str] = {}
 
 
@@ -73,6 +74,12 @@ def classify_error(error: BaseException, deadline_bound: bool = False) -> tuple[
         for cls, code in _ERRNO_LESS:
             if isinstance(exc, cls):
                 return "connection", code
+        # Closed without a response, as httpx and aiohttp say it (no errno): the row
+        # requests' RemoteDisconnected (a ConnectionResetError) gives.
+        if names & _DISCONNECTED_NAMES or (
+            "RemoteProtocolError" in names and "disconnected" in str(exc).lower()
+        ):
+            return "connection", "ECONNRESET"
         reason = getattr(exc, "reason", None)
         if isinstance(reason, BaseException):
             queue.append(reason)
