@@ -12,7 +12,15 @@ from agent.context import DeadlineExceeded
 from agent.http.breaker import CircuitOpen
 
 _TIMEOUT_NAMES = frozenset(
-    {"ReadTimeoutError", "ConnectTimeoutError", "Timeout", "ReadTimeout", "ConnectTimeout"}
+    {
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "Timeout",
+        "ReadTimeout",
+        "ConnectTimeout",
+        "TimeoutException",  # httpx's
+        "TimeoutError",  # asyncio's, before Python 3.11 not the built-in one (aiohttp raises it)
+    }
 )
 # urllib3 1.26 makes NewConnectionError a ConnectTimeoutError: it is not a timeout.
 _NOT_TIMEOUT_NAMES = frozenset({"NewConnectionError", "NameResolutionError"})
