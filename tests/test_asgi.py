@@ -175,3 +175,35 @@ def test_talisker_run_uvicorn_and_gunicorn_with_uvicorn_workers(tmp_path, statsd
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_a_client_that_goes_away_is_recorded_as_499_not_an_error(install_agent, statsd):
+    import asyncio
+    import socket
+    import struct
+
+    from starlette.responses import StreamingResponse
+
+    install_agent()
+
+    async def body():
+        for _ in range(100_000):  # far more than the socket buffers hold
+            yield b"x" * 65536
+            await asyncio.sleep(0)
+
+    async def stream(request):
+        return StreamingResponse(body())
+
+    app = starlette_apps.Starlette(routes=[Route("/stream", stream, name="stream")])
+    with serve(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(12).startswith(b"HTTP/1.")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset: the server's next sends fail
+        assert statsd.wait_for(
+            lambda: agent.flush(1) and statsd.total("talisker.asgi.requests"), 10
+        )
+    assert statsd.total("talisker.asgi.requests", status="499") == 1
+    assert statsd.total("talisker.asgi.errors") == 0
