@@ -106,6 +106,46 @@ def test_an_aio_request_server_sees_our_deadline_and_priority(install_agent, tmp
     assert 19 < without["timeout"] <= 20 and without["priority"] == "normal"  # its defaults
 
 
+def fan_out_through(server: Server, http_server, priority: str) -> None:
+    """An aio-request client calls ``server``'s /fan-out with a 3 s deadline and ``priority``;
+    the call ``server`` makes downstream must carry them (and an id)."""
+    import aio_request
+    import aiohttp
+
+    latest = []
+
+    async def call() -> int:
+        async with aiohttp.ClientSession() as session:
+            client = aio_request.setup(
+                transport=aio_request.AioHttpTransport(session), endpoint=server.url
+            )
+            started = time.monotonic()
+            deadline = aio_request.Deadline.from_timeout(3)
+            latest.append(datetime.now(timezone.utc) + timedelta(seconds=3))  # no earlier
+            async with client.request(
+                aio_request.get("fan-out"),
+                deadline=deadline,
+                priority=aio_request.Priority(priority),
+            ) as response:
+                # A relative timeout counts from when the request arrives: the hop's
+                # deadline is later than the client's by the time it took to arrive,
+                # which is less than the whole call took.
+                latest.append(latest[0] + timedelta(seconds=time.monotonic() - started))
+                return response.status
+
+    try:
+        status = asyncio.run(call())
+    finally:
+        server.stop()
+    assert status == 200, server.output()
+    (downstream,) = [r for r in http_server.requests if r.path == "/downstream"]
+    assert 0 < float(downstream.header("X-Request-Timeout")) <= 3
+    bound = latest[1].strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    assert downstream.header("X-Request-Deadline") <= bound
+    assert downstream.header("X-Request-Priority") == priority
+    assert downstream.header("X-Request-Id")
+
+
 FLASK_APP = """
 import os
 import requests
@@ -127,43 +167,12 @@ app.run(host="127.0.0.1", port=int(os.environ["PORT"]))
 
 @aio_request_missing
 def test_an_aio_request_client_through_a_flask_app_under_talisker_run(tmp_path, http_server):
-    import aio_request
-    import aiohttp
 
     server = start(
         tmp_path, "webapp.py", FLASK_APP, launcher=[TALISKER_RUN], UPSTREAM=http_server.url
     )
 
-    latest = []
-
-    async def call() -> int:
-        async with aiohttp.ClientSession() as session:
-            client = aio_request.setup(
-                transport=aio_request.AioHttpTransport(session), endpoint=server.url
-            )
-            started = time.monotonic()
-            deadline = aio_request.Deadline.from_timeout(3)
-            latest.append(datetime.now(timezone.utc) + timedelta(seconds=3))  # no earlier
-            async with client.request(
-                aio_request.get("fan-out"), deadline=deadline, priority=aio_request.Priority.LOW
-            ) as response:
-                # A relative timeout counts from when the request arrives: the hop's
-                # deadline is later than the client's by the time it took to arrive,
-                # which is less than the whole call took.
-                latest.append(latest[0] + timedelta(seconds=time.monotonic() - started))
-                return response.status
-
-    try:
-        status = asyncio.run(call())
-    finally:
-        server.stop()
-    assert status == 200, server.output()
-    (downstream,) = [r for r in http_server.requests if r.path == "/downstream"]
-    assert 0 < float(downstream.header("X-Request-Timeout")) <= 3
-    bound = latest[1].strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    assert downstream.header("X-Request-Deadline") <= bound
-    assert downstream.header("X-Request-Priority") == "low"
-    assert downstream.header("X-Request-Id")
+    fan_out_through(server, http_server, "low")
 
 
 TALISKER_SERVER = """
@@ -236,36 +245,8 @@ web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), print=None)
 
 @aio_request_missing
 def test_an_aio_request_client_through_an_aiohttp_app_calling_httpx(tmp_path, http_server):
-    import aio_request
-    import aiohttp
 
     server = start(
         tmp_path, "webapp.py", AIOHTTP_APP, launcher=[TALISKER_RUN], UPSTREAM=http_server.url
     )
-    latest = []
-
-    async def call() -> int:
-        async with aiohttp.ClientSession() as session:
-            client = aio_request.setup(
-                transport=aio_request.AioHttpTransport(session), endpoint=server.url
-            )
-            started = time.monotonic()
-            deadline = aio_request.Deadline.from_timeout(3)
-            latest.append(datetime.now(timezone.utc) + timedelta(seconds=3))
-            async with client.request(
-                aio_request.get("fan-out"), deadline=deadline, priority=aio_request.Priority.HIGH
-            ) as response:
-                latest.append(latest[0] + timedelta(seconds=time.monotonic() - started))
-                return response.status
-
-    try:
-        status = asyncio.run(call())
-    finally:
-        server.stop()
-    assert status == 200, server.output()
-    (downstream,) = [r for r in http_server.requests if r.path == "/downstream"]
-    assert 0 < float(downstream.header("X-Request-Timeout")) <= 3
-    bound = latest[1].strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    assert downstream.header("X-Request-Deadline") <= bound
-    assert downstream.header("X-Request-Priority") == "high"
-    assert downstream.header("X-Request-Id")
+    fan_out_through(server, http_server, "high")
