@@ -30,12 +30,13 @@ def test_the_first_acceptable_answer_wins_and_the_slow_attempt_is_cancelled(
     response = asyncio.run(main())
     assert response.status_code == 200
     assert time.monotonic() - started < 5  # not the slow first attempt's answer
-    assert len(http_server.requests) == 2  # the second answered: no third was needed
+    sent = len(http_server.requests)
+    assert sent in (2, 3)  # a busy host may send the third before the second answers
     assert {r.header("X-Request-Id") for r in http_server.requests} == {"hedge-1"}
     assert all(r.header("X-Request-Deadline") for r in http_server.requests)
     assert agent.flush(5)
-    assert statsd.wait_for(lambda: statsd.total(HEDGES) >= 1)
-    assert statsd.total(HEDGES) == 1
+    assert statsd.wait_for(lambda: statsd.total(HEDGES) >= sent - 1)
+    assert statsd.total(HEDGES) == sent - 1
 
 
 def test_the_sync_form_runs_attempts_in_threads(install_agent, statsd, http_server):

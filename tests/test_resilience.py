@@ -185,7 +185,7 @@ def test_after_the_break_exactly_one_probe_is_sent_and_its_success_closes(
 
     def probe():
         probe_started.set()
-        results.append(requests.get(http_server.url + "/delay/1").status_code)
+        results.append(requests.get(http_server.url + "/delay/3").status_code)
 
     prober = threading.Thread(target=probe)
     prober.start()
@@ -200,7 +200,7 @@ def test_after_the_break_exactly_one_probe_is_sent_and_its_success_closes(
             refused += 1
     prober.join(10)
     assert results == [200] and refused == 20
-    assert [r.path for r in http_server.requests[2:]] == ["/delay/1"]  # exactly one probe
+    assert [r.path for r in http_server.requests[2:]] == ["/delay/3"]  # exactly one probe
     assert circuit.state == 0
     assert requests.get(http_server.url + "/ok").status_code == 200  # closed again
     changes = [r.getMessage() for r in caplog.records if "circuit" in r.getMessage()]
