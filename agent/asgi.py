@@ -20,7 +20,7 @@ import asyncio
 
 from agent import _log, config, context
 from agent.http import server
-from agent.propagation import VIEW_HEADER
+from agent.propagation import PRIORITY_HEADER, TIMEOUT_HEADER, VIEW_HEADER
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -92,16 +92,23 @@ class TaliskerMiddleware:
                 context._scope.set(context.EMPTY)
 
 
+_wanted: tuple[Any, dict[bytes, int]] = (None, {})  # (config, header name -> slot)
+
+
+def _header_slots(cfg: config.Config) -> dict[bytes, int]:
+    """The request headers read, lower-cased bytes -> slot: computed once per configuration."""
+    global _wanted
+    if _wanted[0] is not cfg:
+        names = (cfg.id_header, cfg.deadline_header, TIMEOUT_HEADER, PRIORITY_HEADER)
+        _wanted = (cfg, {name.lower().encode("latin-1"): i for i, name in enumerate(names)})
+    return _wanted[1]
+
+
 def _begin(scope: Scope, cfg: config.Config) -> tuple[server.Request, context.Scope]:
-    wanted = {
-        cfg.id_header.lower(): 0,
-        cfg.deadline_header.lower(): 1,
-        "x-request-timeout": 2,
-        "x-request-priority": 3,
-    }
+    wanted = _header_slots(cfg)
     found: list[str | None] = [None, None, None, None]
     for name, value in scope.get("headers") or ():
-        index = wanted.get(name.decode("latin-1").lower())
+        index = wanted.get(bytes(name).lower())
         if index is not None and found[index] is None:
             found[index] = value.decode("latin-1")
     request, request_scope = server.begin(

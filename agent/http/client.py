@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar
 
-from agent import context, metrics, naming, propagation
+from agent import _log, context, metrics, naming, propagation
 from agent.http.errors import classify_error
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
@@ -184,8 +184,6 @@ def record(call: Call, response: Any, error: BaseException | None, status: str =
         else:
             finish(call, getattr(response, status), response.headers, error)
     except Exception:
-        from agent import _log
-
         _log.log_once("http-record", "agent: recording an outgoing call failed", exc_info=True)
 
 
