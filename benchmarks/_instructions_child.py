@@ -19,6 +19,9 @@ import time
 
 #: Long enough never to expire under callgrind (about 50x slower than native).
 DEADLINE = 3600
+#: Modes whose instrumentation is another agent, started by its own sitecustomize.
+PEERS = ("ddtrace", "otel")
+MODES = ("raw", "hand", "agent", *PEERS)
 
 
 class _NoScope:
@@ -30,7 +33,11 @@ class _NoScope:
 
 
 def scope(mode: str):
-    """The request context the calls run in: a deadline in agent mode, nothing in raw."""
+    """The request context the calls run in: a deadline in agent mode, nothing in raw.
+
+    ddtrace and OpenTelemetry have no deadline: their calls run with none, as
+    they would in an application.
+    """
     if mode == "agent":
         import agent
 
@@ -38,15 +45,28 @@ def scope(mode: str):
     return _NoScope()
 
 
-def instrumented(owner: object, attr: str) -> bool:
-    from agent import registry
+def hand_request():
+    import byhand
 
-    return isinstance(vars(owner)[attr], registry.wrapper_class())
+    return byhand.Request(DEADLINE)
+
+
+def instrumented(mode: str, owner: object, attr: str) -> bool:
+    value = vars(owner).get(attr)
+    if mode == "agent":
+        from agent import registry
+
+        return isinstance(value, registry.wrapper_class())
+    # ddtrace and OpenTelemetry wrap with wrapt (or their own copy of it); OpenTelemetry
+    # replaces flask.Flask by a subclass whose __init__ wraps wsgi_app per application.
+    return hasattr(value, "__wrapped__") or getattr(owner, "__name__", "") == "_InstrumentedFlask"
 
 
 def check_instrumented(mode: str, owner: object, attr: str) -> None:
-    if mode == "agent" and not instrumented(owner, attr):
-        raise SystemExit(f"{owner!r}.{attr} is not instrumented: the agent is not in place")
+    if mode in (*PEERS, "agent") and not instrumented(mode, owner, attr):
+        raise SystemExit(f"{owner!r}.{attr} is not instrumented: {mode} is not in place")
+    if mode in ("raw", "hand") and hasattr(vars(owner).get(attr), "__wrapped__"):
+        raise SystemExit(f"{owner!r}.{attr} is wrapped in {mode} mode")
 
 
 def run_urllib3(mode: str, n: int) -> float:
@@ -54,6 +74,14 @@ def run_urllib3(mode: str, n: int) -> float:
 
     check_instrumented(mode, urllib3.connectionpool.HTTPConnectionPool, "urlopen")
     pool = urllib3.HTTPConnectionPool("127.0.0.1", int(os.environ["BENCH_HTTP_PORT"]), maxsize=1)
+    if mode == "hand":
+        import byhand
+
+        request, get = hand_request(), byhand.urllib3_get
+        start = time.perf_counter()
+        for _ in range(n):
+            get(pool, request)
+        return time.perf_counter() - start
     with scope(mode):
         start = time.perf_counter()
         for _ in range(n):
@@ -67,6 +95,14 @@ def run_requests(mode: str, n: int) -> float:
     check_instrumented(mode, requests.sessions.Session, "send")
     session = requests.Session()
     url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
+    if mode == "hand":
+        import byhand
+
+        request, get = hand_request(), byhand.requests_get
+        start = time.perf_counter()
+        for _ in range(n):
+            get(session, request, url)
+        return time.perf_counter() - start
     with scope(mode):
         start = time.perf_counter()
         for _ in range(n):
@@ -79,8 +115,11 @@ def _pg_connect(mode: str, autocommit: bool):
 
     check_instrumented(mode, psycopg2, "connect")
     conn = psycopg2.connect(os.environ["BENCH_DSN"])
-    if mode == "agent" and type(conn) is psycopg2.extensions.connection:
-        raise SystemExit("psycopg2.connect gave an untimed connection")
+    # OpenTelemetry keeps psycopg2's connection class and gives it a traced cursor factory.
+    if mode in ("agent", "ddtrace") and type(conn) is psycopg2.extensions.connection:
+        raise SystemExit(f"psycopg2.connect gave a connection {mode} does not instrument")
+    if mode == "otel" and conn.cursor_factory is None:
+        raise SystemExit("psycopg2.connect gave a connection without OpenTelemetry's cursors")
     conn.autocommit = autocommit
     return conn
 
@@ -88,6 +127,17 @@ def _pg_connect(mode: str, autocommit: bool):
 def run_pg_autocommit(mode: str, n: int) -> float:
     conn = _pg_connect(mode, autocommit=True)
     cur = conn.cursor()
+    if mode == "hand":
+        import byhand
+
+        request, execute = hand_request(), byhand.pg_execute
+        start = time.perf_counter()
+        for _ in range(n):
+            execute(cur, request)
+            cur.fetchone()
+        seconds = time.perf_counter() - start
+        conn.close()
+        return seconds
     with scope(mode):
         start = time.perf_counter()
         for _ in range(n):  # sql_overhead.run_round's loop
@@ -103,6 +153,18 @@ def run_pg_transaction(mode: str, n: int) -> float:
     conn = _pg_connect(mode, autocommit=False)
     cur = conn.cursor()
     commit = conn.commit
+    if mode == "hand":
+        import byhand
+
+        request, execute = hand_request(), byhand.pg_execute
+        start = time.perf_counter()
+        for _ in range(n):
+            execute(cur, request)
+            cur.fetchone()
+            commit()
+        seconds = time.perf_counter() - start
+        conn.close()
+        return seconds
     with scope(mode):
         start = time.perf_counter()
         for _ in range(n):
@@ -130,6 +192,11 @@ def run_wsgi(mode: str, n: int) -> float:
     @app.route("/")
     def index() -> str:
         return "ok"
+
+    if mode == "hand":
+        import byhand
+
+        byhand.wsgi_middleware(app)
 
     class Handler(ServerHandler):
         http_version = "1.1"
@@ -226,7 +293,7 @@ def main() -> None:
         if not where.startswith(root + os.sep):
             raise SystemExit(f"agent imported from {where}, not from {root}")
         report["agent_file"] = where
-    elif mode != "raw":
+    elif mode not in MODES:
         raise SystemExit(f"unknown mode {mode!r}")
     report["seconds"] = PATHS[path](mode, n)
     if mode == "agent":

@@ -70,7 +70,9 @@ from wsgi_overhead import RawClient  # noqa: E402
 
 DSN = os.environ.get("TALISKER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PATHS = ("urllib3", "requests", "psycopg2-autocommit", "psycopg2-transaction", "wsgi")
-MODES = ("raw", "agent")
+MODES = ("raw", "hand", "agent")
+#: Other agents, each started as its own launcher starts it (see ``peer_env``).
+PEERS = ("ddtrace", "otel")
 #: The idle path's two lengths, in centiseconds of sleep.
 IDLE_LENGTHS = (100, 300)
 Row = dict[str, Any]
@@ -96,13 +98,14 @@ class Bench:
         self.root.symlink_to(opts.agent_root, target_is_directory=True)
         self.http, self.http_port = start(SERVER)
         self.receiver, self.statsd_port = start(RECEIVER)
+        self.closed_port = closed_port()
         self.runs = 0
 
     def close(self) -> None:
         self.http.kill()
         self.receiver.kill()
 
-    def env(self, report: Path, layout: int) -> dict[str, str]:
+    def env(self, report: Path, layout: int, mode: str) -> dict[str, str]:
         """The child's environment: the same in every mode (raw never imports the agent)."""
         env = {
             k: v
@@ -122,6 +125,8 @@ class Bench:
             BENCH_REPORT=str(report),
             BENCH_LAYOUT=f"{layout:03d}",
         )
+        if mode in PEERS:
+            env.update(peer_env(mode, str(self.root), self.closed_port))
         for item in self.opts.extra_env:  # compare runs with values of the same length
             name, _, value = item.partition("=")
             env[name] = value
@@ -140,7 +145,7 @@ class Bench:
         ]  # fmt: skip
         proc = subprocess.Popen(
             cmd,
-            env=self.env(report, layout),
+            env=self.env(report, layout, mode),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -200,6 +205,55 @@ class Bench:
         return {key: (big[key] - small[key]) / calls for key in big} | {"layout": layout}
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed): where ddtrace's writer sends."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def peer_env(mode: str, agent_root: str, closed: int) -> dict[str, str]:
+    """The environment ``ddtrace-run`` or ``opentelemetry-instrument`` gives a process.
+
+    Each launcher puts its bootstrap directory (whose ``sitecustomize`` starts
+    the agent) at the head of ``PYTHONPATH`` and execs the command; doing the
+    same here keeps the measured process the one under callgrind. ddtrace: the
+    urllib3 integration enabled (it is off by default), traces to a closed local
+    port, written at the end of the process as ours are (an interval of an
+    hour: a periodic job under callgrind is charged fifty times its share),
+    telemetry and remote configuration (periodic, not per request) off.
+    OpenTelemetry: the distro's SDK with the traces, metrics and logs exporters
+    ``none``; every instrumentation installed (urllib3, requests, psycopg2,
+    Flask) is loaded, as ``opentelemetry-instrument`` does.
+    """
+    if mode == "ddtrace":
+        import ddtrace
+
+        bootstrap = os.path.join(os.path.dirname(ddtrace.__file__), "bootstrap")
+        return {
+            "PYTHONPATH": f"{bootstrap}{os.pathsep}{agent_root}",
+            "DD_TRACE_AGENT_URL": f"http://127.0.0.1:{closed}",
+            "DD_PATCH_MODULES": "urllib3:true",
+            "DD_TRACE_WRITER_INTERVAL_SECONDS": "3600",
+            "DD_INSTRUMENTATION_TELEMETRY_ENABLED": "false",
+            "DD_REMOTE_CONFIGURATION_ENABLED": "false",
+            "DD_SERVICE": "bench",
+        }
+    from opentelemetry.instrumentation import auto_instrumentation
+
+    bootstrap = os.path.dirname(auto_instrumentation.__file__)
+    return {
+        "PYTHONPATH": f"{bootstrap}{os.pathsep}{agent_root}",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "bench",
+    }
+
+
 def summarise(path: str, mode: str, samples: list[dict[str, float]], idle: float | None) -> Row:
     """One row: means over layouts (of the median of a layout's repeats), and the spreads.
 
@@ -207,7 +261,7 @@ def summarise(path: str, mode: str, samples: list[dict[str, float]], idle: float
     rate times the sample's wall time under callgrind, which the host's load
     stretches); spreads are of ``untimed``.
     """
-    rate = idle if idle is not None and mode == "agent" else 0.0
+    rate = idle if idle is not None and mode == "agent" else 0.0  # others: as counted
     for sample in samples:
         sample["untimed"] = sample["total"] - rate * sample["seconds"]
     layouts = sorted({int(s["layout"]) for s in samples})
@@ -373,7 +427,10 @@ def main() -> None:
         "--agent-root", type=Path, default=ROOT, help="the checkout whose agent/ is measured"
     )
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES + PEERS)}"
+    )
+    parser.add_argument("--peers", action="store_true", help="add the ddtrace and otel modes")
     parser.add_argument("--small", type=int, default=100, help="calls in the short run")
     parser.add_argument("--big", type=int, default=700, help="calls in the long run")
     parser.add_argument("--layouts", type=int, default=2, help="heap layouts averaged per row")
@@ -395,6 +452,11 @@ def main() -> None:
         opts.keep.mkdir(parents=True, exist_ok=True)
     opts.paths = [p for p in opts.paths.split(",") if p]
     opts.modes = [m for m in opts.modes.split(",") if m]
+    if opts.peers:
+        opts.modes += [m for m in PEERS if m not in opts.modes]
+    for mode in opts.modes:
+        if mode not in MODES + PEERS:
+            parser.error(f"unknown mode {mode!r}; known: {', '.join(MODES + PEERS)}")
     for path in opts.paths:
         if path not in PATHS:
             parser.error(f"unknown path {path!r}; known: {', '.join(PATHS)}")
