@@ -230,6 +230,11 @@ def wrapper_class() -> type:
         class AgentWrapper(base):  # type: ignore[misc]
             """A wrapt function wrapper put in by talisker-agent."""
 
+            # wrapt binds a subclass's method with the class this names, and looks it
+            # up on every attribute access (``pool.urlopen``); without it the lookup
+            # fails and formats an AttributeError each time, about 4k instructions.
+            __bound_function_wrapper__ = wrapt.BoundFunctionWrapper
+
         _wrapper_class = AgentWrapper
         pending = _pending[:]
         del _pending[:]
