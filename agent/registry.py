@@ -230,10 +230,12 @@ def wrapper_class() -> type:
         class AgentWrapper(base):  # type: ignore[misc]
             """A wrapt function wrapper put in by talisker-agent."""
 
-            # wrapt binds a subclass's method with the class this names, and looks it
-            # up on every attribute access (``pool.urlopen``); without it the lookup
-            # fails and formats an AttributeError each time, about 4k instructions.
-            __bound_function_wrapper__ = wrapt.BoundFunctionWrapper
+        # wrapt binds a subclass's method with the class this names, and looks it up
+        # on every attribute access (``pool.urlopen``); without it the lookup fails
+        # and formats an AttributeError each time, about 4k instructions.
+        bound = getattr(wrapt, "BoundFunctionWrapper", None)
+        if bound is not None:
+            AgentWrapper.__bound_function_wrapper__ = bound
 
         _wrapper_class = AgentWrapper
         pending = _pending[:]
