@@ -64,11 +64,14 @@ class DeadlineExceeded(TimeoutError):
 class Deadline:
     """A point in time on the monotonic clock by which work must be done."""
 
-    __slots__ = ("_header", "expires")
+    __slots__ = ("_header", "_whole", "expires")
 
     def __init__(self, expires: float) -> None:
         self.expires = expires  # time.monotonic() seconds
         self._header: str | None = None
+        #: (whole seconds, their text) of the last X-Request-Timeout: one tuple, so a
+        #: thread never pairs one second's text with another's number.
+        self._whole: tuple[int, str] = (-1, "")
 
     @classmethod
     def after(cls, seconds: float) -> Deadline | None:

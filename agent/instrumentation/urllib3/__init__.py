@@ -41,6 +41,17 @@ if TYPE_CHECKING:
     from agent.config import Config
 
 _time_left = context.time_left
+_monotonic = context._monotonic
+_getdefaulttimeout = socket.getdefaulttimeout
+_attempt_headers = propagation.attempt_headers
+_client_begin = client.begin
+_seconds_left = propagation.seconds_left
+_TIMEOUT_HEADER = propagation.TIMEOUT_HEADER
+_PRIORITY_HEADER = propagation.PRIORITY_HEADER
+_record = client.record
+_finish = client.finish
+_PREPARE_FAILED = "agent: preparing a urllib3 request failed"
+_RECORD_FAILED = "agent: recording an outgoing call failed"
 _current_call = client.current_call
 _cached_peer = naming.cached
 _enter = client.enter
@@ -60,51 +71,103 @@ def _copy_headers(headers: Any) -> Any:
 def urlopen_wrapper(
     wrapped: Callable[..., Any], pool: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """Around ``HTTPConnectionPool.urlopen``: an attempt, and the record when outermost."""
+    """Around ``HTTPConnectionPool.urlopen``: an attempt, and the record when outermost.
+
+    The outermost call is the logical request: it is made the call in flight,
+    its attempts (this call and urllib3's own retries, which re-enter here) run
+    :func:`_attempt`, and it is recorded once. Inline, without helper frames:
+    this runs on every request.
+    """
     cfg = config.current
     if cfg is None:
         return wrapped(*args, **kwargs)
     call = _current_call()
     if call is not None:
         return _attempt(wrapped, pool, args, kwargs, cfg, call)
-    call = _begin(args, kwargs)
+    try:
+        call = _client_begin(args[0] if args else kwargs.get("method", "GET"))
+    except Exception:
+        _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
     if call is None:
         return wrapped(*args, **kwargs)
-    return _recorded(call, _attempt, None, (wrapped, pool, args, kwargs, cfg, call), _NO_KWARGS)
-
-
-def poolmanager_wrapper(
-    wrapped: Callable[..., Any], manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """Around ``PoolManager.urlopen``: the record of a call that may cross pools."""
-    if config.current is None or _current_call() is not None:
-        return wrapped(*args, **kwargs)
-    call = _begin(args, kwargs)
-    if call is None:
-        return wrapped(*args, **kwargs)
-    url = args[1] if len(args) > 1 else kwargs.get("url")
-    return _recorded(call, wrapped, url, args, kwargs)
-
-
-def _recorded(
-    call: client.Call,
-    send: Callable[..., Any],
-    url: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    """``send(*args, **kwargs)`` as the logical request ``call`` in flight, recorded."""
     token = _enter(call)
     try:
-        response = send(*args, **kwargs)
+        if (
+            len(args) <= _HEADERS
+            and not cfg.circuit_breaker
+            and not cfg.retry_policy
+            and kwargs.get("headers") is None
+            and not pool.headers
+            and "timeout" not in kwargs
+        ):
+            # The common first attempt, inline (what _attempt does, for no headers of
+            # the caller's or the pool's and the pool's timeout): this is every request.
+            deadline = call.deadline
+            if call.peer is None:
+                call.peer = _cached_peer((pool.host, pool.port)) or _pool_peer(pool)
+            if deadline is None:
+                call.attempts = 1
+                try:
+                    kwargs["headers"] = _attempt_headers(None, call, cfg)
+                except Exception:
+                    _log.log_once(
+                        "urllib3-attempt",
+                        "agent: preparing a urllib3 request failed",
+                        exc_info=True,
+                    )
+                response = wrapped(*args, **kwargs)
+            else:
+                left = deadline.expires - _monotonic()
+                if left <= 0:
+                    _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
+                call.attempts = 1
+                try:
+                    headers = {cfg.id_header: call.request_id}
+                    mode = cfg.deadline_headers
+                    if mode != "relative":
+                        headers[cfg.deadline_header] = deadline._header or deadline.header()
+                    if mode != "absolute":
+                        headers[_TIMEOUT_HEADER] = call.timeout_sent = _seconds_left(deadline, left)
+                    if call.priority is not None:
+                        headers[_PRIORITY_HEADER] = call.priority
+                    kwargs["headers"] = headers
+                    timeout = pool.timeout
+                    if (
+                        type(timeout) is Timeout
+                        and timeout._connect is _SOCKET_DEFAULT
+                        and timeout._read is _SOCKET_DEFAULT
+                        and timeout.total is None
+                        and _getdefaulttimeout() is None
+                    ):
+                        # No limit of the caller's: the time left, as a number, which
+                        # urllib3 makes a Timeout of as it makes one of the pool's.
+                        call.deadline_bound = True
+                        kwargs["timeout"] = left
+                    else:
+                        cut = _cut_timeout(_NOT_GIVEN, pool, left, call)
+                        if cut is not _NOT_GIVEN:
+                            kwargs["timeout"] = cut
+                except Exception:
+                    _log.log_once(
+                        "urllib3-attempt",
+                        "agent: preparing a urllib3 request failed",
+                        exc_info=True,
+                    )
+                response = wrapped(*args, **kwargs)
+        else:
+            response = _attempt(wrapped, pool, args, kwargs, cfg, call)
     except Exception as exc:
-        if call.peer is None:  # failed before an attempt named it
-            call.peer = client.peer_from_url(url)
-        _finish(call, None, exc)
-        raise
-    finally:
         _end(token)
-    _finish(call, response, None)
+        _record(call, None, exc)
+        raise
+    except BaseException:
+        _end(token)
+        raise
+    _end(token)
+    try:
+        _finish(call, response.status, response.headers, None)
+    except Exception:
+        _log.log_once("urllib3-record", _RECORD_FAILED, exc_info=True)
     try:
         return response
     finally:
@@ -114,13 +177,37 @@ def _recorded(
         del response
 
 
-def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> client.Call | None:
-    """A new logical request from ``urlopen(method, url, ...)`` arguments (None on failure)."""
+def poolmanager_wrapper(
+    wrapped: Callable[..., Any], manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Around ``PoolManager.urlopen``: the record of a call that may cross pools."""
+    if config.current is None or _current_call() is not None:
+        return wrapped(*args, **kwargs)
+    call = None
     try:
-        return client.begin(args[0] if args else kwargs.get("method", "GET"))
+        call = _client_begin(args[0] if args else kwargs.get("method", "GET"))
     except Exception:
         _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
-        return None
+    if call is None:
+        return wrapped(*args, **kwargs)
+    token = _enter(call)
+    try:
+        response = wrapped(*args, **kwargs)
+    except Exception as exc:
+        _end(token)
+        if call.peer is None:  # failed before an attempt named it
+            call.peer = client.peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
+        _record(call, None, exc)
+        raise
+    except BaseException:
+        _end(token)
+        raise
+    _end(token)
+    _record(call, response, None)
+    try:
+        return response
+    finally:
+        del response  # as in urlopen_wrapper
 
 
 def _attempt(
@@ -135,8 +222,11 @@ def _attempt(
     deadline = call.deadline
     if call.peer is None:
         call.peer = _cached_peer((pool.host, pool.port)) or _pool_peer(pool)
+    left = 0.0
     if deadline is not None:
-        left = _time_left(deadline, DeadlineExceeded, "; request not sent")
+        left = deadline.expires - _monotonic()
+        if left <= 0:
+            _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
     if cfg.circuit_breaker:
         _check_circuit(cfg, call)
     try:
@@ -148,25 +238,39 @@ def _attempt(
             args, kwargs = _apply_policy(cfg, call, pool, args, kwargs)
         if len(args) > _HEADERS:
             headers = args[_HEADERS]
-            new_headers = propagation.attempt_headers(
-                pool.headers if headers is None else headers, call, cfg, _copy_headers
+            new_headers = _attempt_headers(
+                pool.headers if headers is None else headers, call, cfg, _copy_headers, left
             )
             args = (*args[:_HEADERS], new_headers, *args[_HEADERS + 1 :])
         else:
             headers = kwargs.get("headers")
-            kwargs["headers"] = propagation.attempt_headers(
-                pool.headers if headers is None else headers, call, cfg, _copy_headers
+            kwargs["headers"] = _attempt_headers(
+                pool.headers if headers is None else headers, call, cfg, _copy_headers, left
             )
         if deadline is not None:
             if len(args) > _TIMEOUT:
                 cut = _cut_timeout(args[_TIMEOUT], pool, left, call)
                 args = (*args[:_TIMEOUT], cut, *args[_TIMEOUT + 1 :])
             else:
-                cut = _cut_timeout(kwargs.get("timeout", _NOT_GIVEN), pool, left, call)
-                if cut is not _NOT_GIVEN:
-                    kwargs["timeout"] = cut
+                given = kwargs.get("timeout", _NOT_GIVEN)
+                timeout = pool.timeout
+                if (
+                    given is _NOT_GIVEN
+                    and type(timeout) is Timeout
+                    and timeout._connect is _SOCKET_DEFAULT
+                    and timeout._read is _SOCKET_DEFAULT
+                    and timeout.total is None
+                    and _getdefaulttimeout() is None
+                ):
+                    # The common case, inline: the pool's default timeout, no limit.
+                    call.deadline_bound = True
+                    kwargs["timeout"] = _make_timeout(None, left, left)
+                else:
+                    cut = _cut_timeout(given, pool, left, call)
+                    if cut is not _NOT_GIVEN:
+                        kwargs["timeout"] = cut
     except Exception:
-        _log.log_once("urllib3-attempt", "agent: preparing a urllib3 request failed", exc_info=True)
+        _log.log_once("urllib3-attempt", _PREPARE_FAILED, exc_info=True)
     return wrapped(*args, **kwargs)
 
 
@@ -262,16 +366,6 @@ if vars(Timeout(total=1.0, connect=2.0, read=3.0)) != vars(_make_timeout(1.0, 2.
 def _pool_peer(pool: Any) -> str:
     port = pool.port or _DEFAULT_PORTS.get(getattr(pool, "scheme", "http"))
     return naming.peer_name(pool.host or "unknown", port)
-
-
-def _finish(call: client.Call, response: Any, error: BaseException | None) -> None:
-    try:
-        if response is None:
-            client.finish(call, None, None, error)
-        else:
-            client.finish(call, response.status, response.headers, error)
-    except Exception:
-        _log.log_once("urllib3-record", "agent: recording a urllib3 request failed", exc_info=True)
 
 
 #: The versions of urllib3 this instrumentation supports: ``(lowest, first not supported)``.
