@@ -13,6 +13,7 @@ packed as DogStatsD multi-value lines), applies the tag rules
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from agent import _log
@@ -48,6 +49,7 @@ WARNING_PERIOD = 300.0
 DRAIN_CHUNK = 1024
 
 _sleep = time.sleep
+_islice = itertools.islice
 
 
 class Worker:
@@ -155,20 +157,19 @@ class Worker:
         In chunks, with the GIL offered to the application's threads between two: a
         big flush would otherwise hold it for up to the 5 ms switch interval at a time.
         """
-        pop = self.queue.popleft
+        popping = iter(self.queue.popleft, None)  # records are tuples, never None
         left = len(self.queue)
         while left > 0:
             n = min(left, DRAIN_CHUNK)
             left -= n
-            yield from [pop() for _ in range(n)]
+            yield from list(_islice(popping, n))  # the loop in C, not in bytecode
             if left:
                 _sleep(0)
 
     def _drain_deferred(self) -> dict[Any, list[Any]]:
         drained = {}
         for expand, queue in list(self.deferred.items()):
-            pop = queue.popleft
-            payloads = [pop() for _ in range(len(queue))]
+            payloads = list(_islice(iter(queue.popleft, None), len(queue)))
             if payloads:
                 drained[expand] = payloads
         return drained
