@@ -1040,3 +1040,42 @@ def test_cursor_query_is_the_statement_as_the_application_sent_it(pg, autocommit
             assert cur.query == b"SET LOCAL statement_timeout = 5000; select 1"
     finally:
         conn.close()
+
+
+class _EarlyStatementConnection(extensions.connection):
+    """A factory that runs a statement while it is made: before the agent keeps anything for it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.early = self.cursor()
+        self.early.execute("select 1")
+        self.commit()
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_cursors_the_agent_did_not_see_made_are_bounded_and_timed(pg, statsd, autocommit):
+    """A cursor made by calling its class, by a factory before connect returned, a named one."""
+    conn = psycopg2.connect(pg, connection_factory=_EarlyStatementConnection)
+    conn.autocommit = autocommit
+    try:
+        made = conn.cursor()
+        direct = type(made)(conn)  # the timed class, called by the application itself
+        assert type(direct) is type(made)
+        with agent.deadline(30):
+            for cur in (direct, conn.early, made, direct):
+                cur.execute("select 1")
+                assert sent_statement(cur).startswith(b"SET LOCAL statement_timeout = ")
+                assert cur.query == b"select 1"
+                assert cur.fetchone() == (1,)
+        conn.commit()
+        # A named cursor: its DECLARE takes no prefix.
+        with conn.cursor("named", withhold=True) as named, agent.deadline(30):
+            named.execute("select 1")
+            assert not sent_statement(named).startswith(b"SET LOCAL")
+            assert named.fetchone() == (1,)
+        conn.commit()
+    finally:
+        conn.close()
+    sent(statsd, at_least=5)
+    # The one in the factory ran before connect returned: not the agent's to record.
+    assert statsd.total(QUERIES, operation="select") == 5

@@ -29,7 +29,7 @@ from psycopg2 import extensions
 from agent import _log, config, context, naming
 from agent.context import DeadlineExceeded
 from agent.instrumentation import Patch
-from agent.instrumentation.psycopg2.cursor import execute_own, timed_cursor_class
+from agent.instrumentation.psycopg2.cursor import cursor_state, execute_own, timed_cursor_class
 from agent.sql import postgres, record
 from agent.sql.postgres import State
 
@@ -62,7 +62,12 @@ class ConnectionMixin(_BaseConnection):
             _log.log_once(
                 "psycopg2-cursor", "agent: timing a psycopg2 cursor failed", exc_info=True
             )
-        return _BaseConnection.cursor(self, *args, **kwargs)
+        cursor = _BaseConnection.cursor(self, *args, **kwargs)
+        try:
+            cursor._talisker_state = cursor_state(cursor)  # for the inline path
+        except Exception:
+            pass  # not a timed class (timing it failed): nothing reads it
+        return cursor
 
     def reset(self) -> None:
         """psycopg2's ``reset()`` (``ABORT; RESET ALL``...): the agent forgets the timeouts."""
