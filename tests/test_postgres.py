@@ -183,6 +183,31 @@ def test_queries_are_counted_and_timed_with_peer_db_and_operation(pg, statsd):
     assert max(statsd.samples(LATENCY, operation="select")) >= 50
 
 
+def test_interleaved_statements_of_two_connections_are_each_counted_once(pg, statsd):
+    """The hot path's records, grouped in runs per connection and operation, add up per tag set."""
+    first, second = psycopg2.connect(pg), psycopg2.connect(pg)
+    try:
+        with first.cursor() as a, second.cursor() as b, agent.deadline(30):
+            for statement in ("select 1", "values (1)") * 3:  # each seen before from the 2nd on
+                a.execute(statement)
+                a.execute(statement)
+                b.execute(statement)
+            b.execute("values (2)")
+            a.execute("select 1")
+        first.commit()
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    sent(statsd, at_least=9)
+    tags = {"peer": "127.0.0.1:5432", "db": "test"}
+    assert statsd.total(QUERIES, operation="select", **tags) == 10
+    assert statsd.total(QUERIES, operation="values", **tags) == 10
+    assert len(statsd.samples(LATENCY, operation="select", **tags)) == 10
+    assert len(statsd.samples(LATENCY, operation="values", **tags)) == 10
+    assert len(statsd.find(QUERIES, operation="select", **tags)) == 1  # one line per tag set
+
+
 def test_a_failed_query_reports_its_sqlstate(pg, statsd):
     conn = psycopg2.connect(pg)
     try:

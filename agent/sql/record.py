@@ -9,6 +9,8 @@ taken from a statement is its first keyword, from a fixed set.
 from __future__ import annotations
 
 import time
+from itertools import groupby
+from operator import itemgetter
 
 from agent import metrics
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "classify_error",
     "expand_queries",
+    "expand_statements",
     "finish",
     "operation",
     "outside_transaction_only",
@@ -199,4 +202,32 @@ def expand_queries(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any,
     for (peer, db, op, kind, code), n in errors.items():
         error_tags = (("peer", peer), ("db", db), ("operation", op), ("type", kind), ("code", code))
         records.append((metrics.COUNT, "sql.errors", n, error_tags))
+    return records
+
+
+_statement_key = itemgetter(0, 1)
+_statement_ms = itemgetter(2)
+
+
+def expand_statements(payloads: list[tuple[Any, str, float]]) -> list[tuple[int, str, Any, Any]]:
+    """``sql.queries`` and ``sql.latency`` of statements that succeeded (metrics thread).
+
+    The hot path's payload is ``(state, op, elapsed_ms)``, ``state`` being what the
+    driver keeps per connection (its ``peer`` and ``db``): three items to put in a
+    tuple, and runs of the same statement on one connection, the common case,
+    grouped in C (``groupby``) rather than looked up one by one.
+    """
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for (state, op), group in groupby(payloads, _statement_key):
+        key = (state.peer, state.db, op)
+        found = samples.get(key)
+        if found is None:
+            samples[key] = list(map(_statement_ms, group))
+        else:
+            found.extend(map(_statement_ms, group))
+    records: list[tuple[int, str, Any, Any]] = []
+    for (peer, db, op), values in samples.items():
+        tags = (("peer", peer), ("db", db), ("operation", op))
+        records.append((metrics.COUNT, "sql.queries", len(values), tags))
+        records.append((metrics.TIMING, "sql.latency", values, tags))
     return records

@@ -43,7 +43,7 @@ _current_scope = context.current
 _check = context.time_left
 _operation = record.operation
 _finish = record.finish
-_expand = record.expand_queries
+_expand_statements = record.expand_statements
 _record_deferred = metrics.record_deferred
 _NOT_PREFIXABLE = record.NOT_PREFIXABLE
 #: Operations the inline path leaves to _bounded: no prefix, or a prefix only sometimes.
@@ -154,7 +154,7 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
             if left <= 0.0 or session_ms is None:
                 return _run_bounded(self, base, state, op, query, vars, deadline)
             ms = _ceil(left * 1000.0)  # >= 1: statement_timeout 0 would mean no limit
-            if 0 < session_ms < ms:
+            if session_ms and session_ms < ms:  # never negative; 0: no timeout of its own
                 ms = session_ms
                 bound = False
             else:
@@ -174,9 +174,7 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
         except Exception as exc:
             _finish(state.peer, state.db, op, start, exc, bound)
             raise
-        _record_deferred(
-            _expand, (state.peer, state.db, op, (_perf_counter() - start) * 1000.0, None, None)
-        )
+        _record_deferred(_expand_statements, (state, op, (_perf_counter() - start) * 1000.0))
         return result
 
     method.__name__ = method.__qualname__ = name
