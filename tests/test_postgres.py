@@ -14,6 +14,7 @@ from psycopg2 import extensions
 from psycopg2 import sql as pgsql
 
 import agent
+from agent.sql import postgres
 from tests.support.http import UnacceptingServer
 
 QUERIES = "talisker.sql.queries"
@@ -334,6 +335,46 @@ def test_statements_that_need_their_own_transaction_run_under_a_deadline(pg):
         with conn.cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS {name}; DROP PROCEDURE IF EXISTS {name}_p")
         conn.close()
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_instant_statements_in_a_transaction_get_no_set_local_of_their_own(pg, statsd, autocommit):
+    """SAVEPOINT, RELEASE, ROLLBACK TO, SHOW...: only the deadline check, no extra round trip.
+
+    What can run long and takes no prefix (a FETCH of a cursor declared by hand) still
+    gets its own SET LOCAL first.
+    """
+    conn = psycopg2.connect(pg)
+    conn.autocommit = autocommit
+    try:
+        with conn.cursor() as cur:
+            if autocommit:
+                cur.execute("BEGIN")
+            with agent.deadline(30):
+                cur.execute("SELECT 1")
+                in_force = ours(cur)
+                time.sleep(0.05)  # the time left in ms is now smaller than in_force
+                for statement in ("SAVEPOINT s", "RELEASE SAVEPOINT s", "SAVEPOINT t"):
+                    cur.execute(statement)
+                    assert sent_statement(cur) == statement.encode()
+                cur.execute("ROLLBACK TO SAVEPOINT t")
+                cur.execute("SHOW statement_timeout")
+                shown = postgres.parse_duration_ms(cur.fetchone()[0])
+                assert shown == in_force  # no SET LOCAL sent since
+            cur.execute("DECLARE c CURSOR FOR SELECT pg_sleep(3)")
+            start = time.monotonic()
+            with agent.deadline(0.5), pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute("FETCH 1 FROM c")
+            assert time.monotonic() - start < 1.5
+        conn.rollback()
+        with pytest.raises(agent.DeadlineExceeded), agent.deadline(0.0001), conn.cursor() as cur:
+            time.sleep(0.001)
+            cur.execute("SAVEPOINT u")  # the deadline is still checked
+    finally:
+        conn.close()
+    sent(statsd, ERRORS, 2)
+    assert statsd.total(ERRORS, type="deadline", code="57014", operation="fetch") == 1
+    assert statsd.total(ERRORS, type="deadline", code="deadline", operation="savepoint") == 1
 
 
 @pytest.mark.parametrize(

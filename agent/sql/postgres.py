@@ -36,6 +36,14 @@ IDLE, INTRANS, INERROR = 0, 2, 3
 SESSION_BOUND_OPS = frozenset(
     {"vacuum", "reindex", "cluster", "copy", "declare", "call", "do", "create", "drop", "alter"}
 )
+#: Statements that cannot take a prefix and are over in microseconds inside a transaction:
+#: there they get only the deadline check, not a SET LOCAL of their own (a round trip).
+#: Not COMMIT, END or PREPARE (deferred triggers run then), nor SET (``SET CONSTRAINTS
+#: ... IMMEDIATE`` runs them too), nor FETCH, MOVE, COPY or what is not known.
+INSTANT_OPS = frozenset(
+    {"begin", "start", "savepoint", "release", "rollback", "abort", "show", "reset", "close",
+     "listen", "unlisten", "discard"}
+)  # fmt: skip
 #: What a statement may do to the application's own statement_timeout (see effect_of).
 NO_EFFECT, MAY_ROLL_BACK, MAY_SET = 0, 1, 2
 #: libpq treats connect_timeout=1 as 2 seconds: ask for what it will do.
@@ -312,6 +320,8 @@ def plan(
             if not prefixable or op in SESSION_BOUND_OPS:
                 return (None, *bound_session(conn, state, left))
             return None, False, None  # LOCK, SHOW, LISTEN...: only the deadline check
+        if prefixable and op in INSTANT_OPS:
+            return None, False, None  # SAVEPOINT, ROLLBACK, SHOW...: only the deadline check
         # In a transaction: bound what follows with a separate SET LOCAL.
         return None, set_local_separately(conn, state, left), None
     ms, bound = ours(conn, state, left)
