@@ -75,6 +75,42 @@ def test_the_application_gets_a_real_connection(pg):
         conn.close()
 
 
+def test_cursor_takes_psycopg2s_parameters_as_psycopg2_does(pg, statsd):
+    conn = psycopg2.connect(pg)
+    try:
+        for cur in (
+            conn.cursor("a", psycopg2.extras.DictCursor, True, True),  # positional
+            conn.cursor(name="b", cursor_factory=psycopg2.extras.DictCursor, scrollable=True,
+                        withhold=True),
+        ):  # fmt: skip
+            assert isinstance(cur, psycopg2.extras.DictCursor)
+            assert type(cur) is not psycopg2.extras.DictCursor  # timed
+            assert (cur.withhold, cur.scrollable) == (True, True)
+            cur.execute("select generate_series(1, 3)")
+            cur.fetchall()
+            cur.scroll(0, mode="absolute")  # scrollable
+            conn.commit()
+            assert cur.fetchone()[0] == 1  # withhold: open after the commit
+            cur.close()
+        cur = conn.cursor(None, None, False, None)
+        assert (cur.name, cur.withhold, cur.scrollable) == (None, False, None)
+        with pytest.raises(psycopg2.ProgrammingError):
+            conn.cursor(None, None, False, False)  # psycopg2's own: not on an unnamed cursor
+        conn.cursor_factory = psycopg2.extras.NamedTupleCursor  # read at each cursor()
+        with conn.cursor() as cur:
+            assert isinstance(cur, psycopg2.extras.NamedTupleCursor)
+            cur.execute("select 1 as a")
+            assert cur.fetchone().a == 1
+        with pytest.raises(TypeError):
+            conn.cursor(no_such_parameter=1)
+        with pytest.raises(TypeError):
+            conn.cursor(cursor_factory=dict)  # psycopg2's own check
+    finally:
+        conn.close()
+    sent(statsd, at_least=3)
+    assert statsd.total(QUERIES, operation="select") == 3
+
+
 @pytest.mark.parametrize(
     "factory",
     [

@@ -58,10 +58,12 @@ _inline_operation = _inline_ops.get
 _PLAIN_LIMIT = 2048
 _ceil = math.ceil
 
-__all__ = ["cursor_state", "execute_own", "timed_cursor_class"]
+__all__ = ["cursor_state", "execute_own", "timed_classes", "timed_cursor_class"]
 
 
 _cursor_classes: dict[type, type] = {}
+#: The timed subclass of each cursor class seen (read by ``connection.cursor()``).
+timed_classes: dict[Any, Any] = _cursor_classes
 
 
 def timed_cursor_class(factory: Any) -> Any:
