@@ -205,7 +205,8 @@ def expand_queries(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any,
     return records
 
 
-_statement_key = itemgetter(0, 1)
+_statement_state = itemgetter(0)
+_statement_op = itemgetter(1)
 _statement_ms = itemgetter(2)
 
 
@@ -214,17 +215,20 @@ def expand_statements(payloads: list[tuple[Any, str, float]]) -> list[tuple[int,
 
     The hot path's payload is ``(state, op, elapsed_ms)``, ``state`` being what the
     driver keeps per connection (its ``peer`` and ``db``): three items to put in a
-    tuple, and runs of the same statement on one connection, the common case,
-    grouped in C (``groupby``) rather than looked up one by one.
+    tuple. Runs of one connection's statements, and within them runs of one
+    operation (the common case), are grouped in C (``groupby`` on items that are
+    compared by identity first) rather than looked up one by one.
     """
     samples: dict[tuple[str, str, str], list[float]] = {}
-    for (state, op), group in groupby(payloads, _statement_key):
-        key = (state.peer, state.db, op)
-        found = samples.get(key)
-        if found is None:
-            samples[key] = list(map(_statement_ms, group))
-        else:
-            found.extend(map(_statement_ms, group))
+    for state, of_state in groupby(payloads, _statement_state):
+        peer, db = state.peer, state.db
+        for op, group in groupby(of_state, _statement_op):
+            key = (peer, db, op)
+            found = samples.get(key)
+            if found is None:
+                samples[key] = list(map(_statement_ms, group))
+            else:
+                found.extend(map(_statement_ms, group))
     records: list[tuple[int, str, Any, Any]] = []
     for (peer, db, op), values in samples.items():
         tags = (("peer", peer), ("db", db), ("operation", op))
