@@ -461,6 +461,33 @@ def test_what_must_run_outside_a_transaction_block_is_recognised(query, expected
     assert sql.outside_transaction_only(op, query) is expected
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("SELECT 1", "select"),
+        (b"  insert into t values (1)", "insert"),
+        ("((  /* a */ (--b\n  Values (1)", "values"),
+        ("/* a */ /* b */ Update t set x = 1", "update"),
+        ("-- only a comment", "other"),
+        ("/* unterminated select", "other"),
+        ("/*/ select */ delete from t", "delete"),
+        ("-select", "other"),
+        ("\u00a0\u2028with x as (select 1) select * from x", "with"),  # blanks beyond ASCII
+        ("select\u00e4 1", "other"),  # a letter beyond ASCII makes the word another one
+        ("LOC\u212a TABLE t", "lock"),  # the Kelvin sign lower-cases to k, as before
+        ("selec 1", "other"),
+        ("", "other"),
+        (" " * 600 + "select", "other"),  # only the first 512 characters are looked at
+    ],
+)
+def test_the_operation_is_the_first_keyword(query, expected):
+    from agent.sql import record as sql
+
+    assert sql._first_keyword(query) == expected
+    text = query[:512].decode("ascii", "replace") if isinstance(query, bytes) else query[:512]
+    assert sql._first_keyword_by_char(text) == expected
+
+
 @pytest.mark.parametrize("autocommit", [True, False])
 def test_the_agents_own_statements_read_tuples_whatever_the_cursor_factory(pg, autocommit):
     """Their rows are tuples (psycopg2's own cursor), not the RealDictRows of the factory."""

@@ -19,7 +19,7 @@ import math
 import os
 
 from agent import _log, naming
-from agent.sql.record import NOT_PREFIXABLE, outside_transaction_only
+from agent.sql.record import NOT_PREFIXABLE, OUTSIDE_BLOCK_OPS, outside_transaction_only
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -214,8 +214,13 @@ def limit(app_ms: int, left: float) -> tuple[int, bool]:
 
 def ours(conn: Any, state: State, left: float) -> tuple[int, bool]:
     """The value for a SET LOCAL of ours, noted as in force from here on."""
-    app_ms = app_timeout_ms(conn, state)
-    ms, bound = limit(app_ms, left)
+    app_ms = state.session_ms
+    if app_ms is None:
+        app_ms = app_timeout_ms(conn, state)
+    ms = _ceil(left * 1000.0) or 1  # as limit(), inline
+    bound = not 0 < app_ms < ms
+    if not bound:
+        ms = app_ms
     state.ours_ms = ms
     state.under_ms = app_ms
     return ms, bound
@@ -311,7 +316,7 @@ def plan(
     if (
         not prefixable
         or op in NOT_PREFIXABLE
-        or (conn.autocommit and outside_transaction_only(op, query))
+        or (op in OUTSIDE_BLOCK_OPS and conn.autocommit and outside_transaction_only(op, query))
     ):
         # A named cursor's DECLARE, COPY, VACUUM, CREATE INDEX CONCURRENTLY, CALL
         # of a procedure that commits...: a prefix would make a transaction

@@ -109,13 +109,34 @@ def operation(query: Any) -> str:
     return op
 
 
+#: What comes before the first keyword (blanks, ``(``, ``-- ...`` and ``/* ... */``
+#: comments, one unterminated running to the end), then its ASCII letters.
+_LEADING = r"(?:[\s(]+|--[^\n]*\n?|/\*(?:.*?\*/|.*))*([A-Za-z]*)"
+_leading: Any = None
+
+
 def _first_keyword(query: Any) -> str:
+    global _leading
     if isinstance(query, bytes):
         text = query[:512].decode("ascii", "replace")
     elif isinstance(query, str):
         text = query[:512]
     else:
         return "other"  # e.g. psycopg2.sql.Composed: rendering it needs a connection
+    if _leading is None:
+        import re
+
+        _leading = re.compile(_LEADING, re.DOTALL)
+    found = _leading.match(text)
+    end = found.end()
+    if end < len(text) and text[end].isalpha():
+        return _first_keyword_by_char(text)  # a letter beyond ASCII ('\u212a'.lower() is 'k')
+    word = found.group(1).lower()
+    return word if word in OPERATIONS else "other"
+
+
+def _first_keyword_by_char(text: str) -> str:
+    """:func:`_first_keyword`, a character at a time: what ``_LEADING`` does, with any letters."""
     i, n = 0, len(text)
     while i < n:  # skip blanks, `-- ...` and `/* ... */` comments, and `(`
         c = text[i]

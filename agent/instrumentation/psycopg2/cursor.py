@@ -212,9 +212,9 @@ def _run_other(cursor: Any, base: Callable[..., Any], query: Any, vars: Any) -> 
     if scope.suppressed:
         return _run_suppressed(cursor, base, state, query, vars)
     op = _plain_operation(query) if type(query) is str else None
-    if op is None:
-        return _run_uncommon(cursor, base, state, query, vars)
     deadline = scope.deadline
+    if op is None:
+        return _run_uncommon(cursor, base, state, query, vars, deadline)
     if deadline is not None:
         return _run_bounded(cursor, base, state, op, query, vars, deadline)
     if state.ours_ms:
@@ -223,7 +223,7 @@ def _run_other(cursor: Any, base: Callable[..., Any], query: Any, vars: Any) -> 
 
 
 def _run_uncommon(
-    cursor: Any, base: Callable[..., Any], state: State, query: Any, vars: Any
+    cursor: Any, base: Callable[..., Any], state: State, query: Any, vars: Any, deadline: Any
 ) -> Any:
     """A statement the inline path does not know.
 
@@ -243,7 +243,6 @@ def _run_uncommon(
         _plain_ops[query] = op
         if op not in _NOT_INLINE:
             _inline_ops[query] = op
-    deadline = _current_scope().deadline
     if deadline is not None:
         query, bound, restore = _bounded(cursor, state, op, query, deadline)
     else:
@@ -325,7 +324,7 @@ def _timed(
         except Exception as exc:
             _finish(state.peer, state.db, op, start, exc, bound)
             raise
-        _finish(state.peer, state.db, op, start)
+        _record_deferred(_expand_statements, (state, op, (_perf_counter() - start) * 1000.0))
         failed = False
     finally:
         if restore is not None:
@@ -351,7 +350,9 @@ def _bounded(
     Returns the statement to send, whether the deadline is its bound, and what
     :func:`restore_session` needs if the bound had to be set for the session.
     """
-    left = _time_left(state, op, deadline)
+    left = deadline.expires - _monotonic()
+    if left <= 0.0:
+        _time_left(state, op, deadline)  # raises DeadlineExceeded, recorded
     conn = cursor.connection
     try:
         prefix, bound, restore = plan(conn, state, op, query, cursor.name is None, left)
@@ -361,7 +362,7 @@ def _bounded(
     if prefix is None:
         return query, bound, restore
     cursor._talisker_prefix = prefix
-    return prefixed(query, prefix), bound, None
+    return (prefix + query if type(query) is str else prefixed(query, prefix)), bound, None
 
 
 def _unbounded(cursor: Any, state: State, op: str, query: Any) -> Any:
