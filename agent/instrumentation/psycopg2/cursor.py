@@ -145,10 +145,10 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
             state = _cursor_state(self)
         scope = _current_scope()
         if state is None or scope.suppressed or type(query) is not str:
-            return _run_other(self, base, query, vars)
+            return _run_other(self, base, state, query, vars)
         op = _inline_operation(query)
         if op is None:
-            return _run_other(self, base, query, vars)
+            return _run_other(self, base, state, query, vars)
         deadline = scope.deadline
         if deadline is not None:
             left = deadline.expires - _monotonic()
@@ -202,12 +202,19 @@ def _cursor_state(cursor: Any) -> State | None:
     return state
 
 
-def _run_other(cursor: Any, base: Callable[..., Any], query: Any, vars: Any) -> Any:
-    """A statement the inline path leaves: suppressed, not a known plain string, a named cursor."""
-    try:
-        state: State = cursor.connection._talisker
-    except AttributeError:
-        return base(cursor, query, vars)
+def _run_other(
+    cursor: Any, base: Callable[..., Any], state: State | None, query: Any, vars: Any
+) -> Any:
+    """A statement the inline path leaves: suppressed, not a known plain string, a named cursor.
+
+    ``state`` is the one noted on the cursor, None for a named cursor (or one made
+    before the connection had one): then it is the connection's, if any.
+    """
+    if state is None:
+        try:
+            state = cursor.connection._talisker
+        except AttributeError:
+            return base(cursor, query, vars)
     scope = _current_scope()
     if scope.suppressed:
         return _run_suppressed(cursor, base, state, query, vars)
