@@ -14,6 +14,7 @@ from psycopg2 import extensions
 from psycopg2 import sql as pgsql
 
 import agent
+from agent.sql import postgres
 from tests.support.http import UnacceptingServer
 
 QUERIES = "talisker.sql.queries"
@@ -72,6 +73,42 @@ def test_the_application_gets_a_real_connection(pg):
         assert repr(type(cur)) == repr(extensions.cursor)
     finally:
         conn.close()
+
+
+def test_cursor_takes_psycopg2s_parameters_as_psycopg2_does(pg, statsd):
+    conn = psycopg2.connect(pg)
+    try:
+        for cur in (
+            conn.cursor("a", psycopg2.extras.DictCursor, True, True),  # positional
+            conn.cursor(name="b", cursor_factory=psycopg2.extras.DictCursor, scrollable=True,
+                        withhold=True),
+        ):  # fmt: skip
+            assert isinstance(cur, psycopg2.extras.DictCursor)
+            assert type(cur) is not psycopg2.extras.DictCursor  # timed
+            assert (cur.withhold, cur.scrollable) == (True, True)
+            cur.execute("select generate_series(1, 3)")
+            cur.fetchall()
+            cur.scroll(0, mode="absolute")  # scrollable
+            conn.commit()
+            assert cur.fetchone()[0] == 1  # withhold: open after the commit
+            cur.close()
+        cur = conn.cursor(None, None, False, None)
+        assert (cur.name, cur.withhold, cur.scrollable) == (None, False, None)
+        with pytest.raises(psycopg2.ProgrammingError):
+            conn.cursor(None, None, False, False)  # psycopg2's own: not on an unnamed cursor
+        conn.cursor_factory = psycopg2.extras.NamedTupleCursor  # read at each cursor()
+        with conn.cursor() as cur:
+            assert isinstance(cur, psycopg2.extras.NamedTupleCursor)
+            cur.execute("select 1 as a")
+            assert cur.fetchone().a == 1
+        with pytest.raises(TypeError):
+            conn.cursor(no_such_parameter=1)
+        with pytest.raises(TypeError):
+            conn.cursor(cursor_factory=dict)  # psycopg2's own check
+    finally:
+        conn.close()
+    sent(statsd, at_least=3)
+    assert statsd.total(QUERIES, operation="select") == 3
 
 
 @pytest.mark.parametrize(
@@ -181,6 +218,31 @@ def test_queries_are_counted_and_timed_with_peer_db_and_operation(pg, statsd):
     assert select.value == 2
     assert statsd.total(QUERIES, operation="with") == 1
     assert max(statsd.samples(LATENCY, operation="select")) >= 50
+
+
+def test_interleaved_statements_of_two_connections_are_each_counted_once(pg, statsd):
+    """The hot path's records, grouped in runs per connection and operation, add up per tag set."""
+    first, second = psycopg2.connect(pg), psycopg2.connect(pg)
+    try:
+        with first.cursor() as a, second.cursor() as b, agent.deadline(30):
+            for statement in ("select 1", "values (1)") * 3:  # each seen before from the 2nd on
+                a.execute(statement)
+                a.execute(statement)
+                b.execute(statement)
+            b.execute("values (2)")
+            a.execute("select 1")
+        first.commit()
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    sent(statsd, at_least=9)
+    tags = {"peer": "127.0.0.1:5432", "db": "test"}
+    assert statsd.total(QUERIES, operation="select", **tags) == 10
+    assert statsd.total(QUERIES, operation="values", **tags) == 10
+    assert len(statsd.samples(LATENCY, operation="select", **tags)) == 10
+    assert len(statsd.samples(LATENCY, operation="values", **tags)) == 10
+    assert len(statsd.find(QUERIES, operation="select", **tags)) == 1  # one line per tag set
 
 
 def test_a_failed_query_reports_its_sqlstate(pg, statsd):
@@ -311,6 +373,46 @@ def test_statements_that_need_their_own_transaction_run_under_a_deadline(pg):
         conn.close()
 
 
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_instant_statements_in_a_transaction_get_no_set_local_of_their_own(pg, statsd, autocommit):
+    """SAVEPOINT, RELEASE, ROLLBACK TO, SHOW...: only the deadline check, no extra round trip.
+
+    What can run long and takes no prefix (a FETCH of a cursor declared by hand) still
+    gets its own SET LOCAL first.
+    """
+    conn = psycopg2.connect(pg)
+    conn.autocommit = autocommit
+    try:
+        with conn.cursor() as cur:
+            if autocommit:
+                cur.execute("BEGIN")
+            with agent.deadline(30):
+                cur.execute("SELECT 1")
+                in_force = ours(cur)
+                time.sleep(0.05)  # the time left in ms is now smaller than in_force
+                for statement in ("SAVEPOINT s", "RELEASE SAVEPOINT s", "SAVEPOINT t"):
+                    cur.execute(statement)
+                    assert sent_statement(cur) == statement.encode()
+                cur.execute("ROLLBACK TO SAVEPOINT t")
+                cur.execute("SHOW statement_timeout")
+                shown = postgres.parse_duration_ms(cur.fetchone()[0])
+                assert shown == in_force  # no SET LOCAL sent since
+            cur.execute("DECLARE c CURSOR FOR SELECT pg_sleep(3)")
+            start = time.monotonic()
+            with agent.deadline(0.5), pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute("FETCH 1 FROM c")
+            assert time.monotonic() - start < 1.5
+        conn.rollback()
+        with pytest.raises(agent.DeadlineExceeded), agent.deadline(0.0001), conn.cursor() as cur:
+            time.sleep(0.001)
+            cur.execute("SAVEPOINT u")  # the deadline is still checked
+    finally:
+        conn.close()
+    sent(statsd, ERRORS, 2)
+    assert statsd.total(ERRORS, type="deadline", code="57014", operation="fetch") == 1
+    assert statsd.total(ERRORS, type="deadline", code="deadline", operation="savepoint") == 1
+
+
 @pytest.mark.parametrize(
     "run",
     [
@@ -357,6 +459,33 @@ def test_what_must_run_outside_a_transaction_block_is_recognised(query, expected
 
     op = sql.operation(query)
     assert sql.outside_transaction_only(op, query) is expected
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("SELECT 1", "select"),
+        (b"  insert into t values (1)", "insert"),
+        ("((  /* a */ (--b\n  Values (1)", "values"),
+        ("/* a */ /* b */ Update t set x = 1", "update"),
+        ("-- only a comment", "other"),
+        ("/* unterminated select", "other"),
+        ("/*/ select */ delete from t", "delete"),
+        ("-select", "other"),
+        ("\u00a0\u2028with x as (select 1) select * from x", "with"),  # blanks beyond ASCII
+        ("select\u00e4 1", "other"),  # a letter beyond ASCII makes the word another one
+        ("LOC\u212a TABLE t", "lock"),  # the Kelvin sign lower-cases to k, as before
+        ("selec 1", "other"),
+        ("", "other"),
+        (" " * 600 + "select", "other"),  # only the first 512 characters are looked at
+    ],
+)
+def test_the_operation_is_the_first_keyword(query, expected):
+    from agent.sql import record as sql
+
+    assert sql._first_keyword(query) == expected
+    text = query[:512].decode("ascii", "replace") if isinstance(query, bytes) else query[:512]
+    assert sql._first_keyword_by_char(text) == expected
 
 
 @pytest.mark.parametrize("autocommit", [True, False])
@@ -1040,3 +1169,42 @@ def test_cursor_query_is_the_statement_as_the_application_sent_it(pg, autocommit
             assert cur.query == b"SET LOCAL statement_timeout = 5000; select 1"
     finally:
         conn.close()
+
+
+class _EarlyStatementConnection(extensions.connection):
+    """A factory that runs a statement while it is made: before the agent keeps anything for it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.early = self.cursor()
+        self.early.execute("select 1")
+        self.commit()
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_cursors_the_agent_did_not_see_made_are_bounded_and_timed(pg, statsd, autocommit):
+    """A cursor made by calling its class, by a factory before connect returned, a named one."""
+    conn = psycopg2.connect(pg, connection_factory=_EarlyStatementConnection)
+    conn.autocommit = autocommit
+    try:
+        made = conn.cursor()
+        direct = type(made)(conn)  # the timed class, called by the application itself
+        assert type(direct) is type(made)
+        with agent.deadline(30):
+            for cur in (direct, conn.early, made, direct):
+                cur.execute("select 1")
+                assert sent_statement(cur).startswith(b"SET LOCAL statement_timeout = ")
+                assert cur.query == b"select 1"
+                assert cur.fetchone() == (1,)
+        conn.commit()
+        # A named cursor: its DECLARE takes no prefix.
+        with conn.cursor("named", withhold=True) as named, agent.deadline(30):
+            named.execute("select 1")
+            assert not sent_statement(named).startswith(b"SET LOCAL")
+            assert named.fetchone() == (1,)
+        conn.commit()
+    finally:
+        conn.close()
+    sent(statsd, at_least=5)
+    # The one in the factory ran before connect returned: not the agent's to record.
+    assert statsd.total(QUERIES, operation="select") == 5

@@ -19,7 +19,7 @@ import math
 import os
 
 from agent import _log, naming
-from agent.sql.record import NOT_PREFIXABLE, outside_transaction_only
+from agent.sql.record import NOT_PREFIXABLE, OUTSIDE_BLOCK_OPS, outside_transaction_only
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -36,6 +36,14 @@ IDLE, INTRANS, INERROR = 0, 2, 3
 SESSION_BOUND_OPS = frozenset(
     {"vacuum", "reindex", "cluster", "copy", "declare", "call", "do", "create", "drop", "alter"}
 )
+#: Statements that cannot take a prefix and are over in microseconds inside a transaction:
+#: there they get only the deadline check, not a SET LOCAL of their own (a round trip).
+#: Not COMMIT, END or PREPARE (deferred triggers run then), nor SET (``SET CONSTRAINTS
+#: ... IMMEDIATE`` runs them too), nor FETCH, MOVE, COPY or what is not known.
+INSTANT_OPS = frozenset(
+    {"begin", "start", "savepoint", "release", "rollback", "abort", "show", "reset", "close",
+     "listen", "unlisten", "discard"}
+)  # fmt: skip
 #: What a statement may do to the application's own statement_timeout (see effect_of).
 NO_EFFECT, MAY_ROLL_BACK, MAY_SET = 0, 1, 2
 #: libpq treats connect_timeout=1 as 2 seconds: ask for what it will do.
@@ -206,8 +214,13 @@ def limit(app_ms: int, left: float) -> tuple[int, bool]:
 
 def ours(conn: Any, state: State, left: float) -> tuple[int, bool]:
     """The value for a SET LOCAL of ours, noted as in force from here on."""
-    app_ms = app_timeout_ms(conn, state)
-    ms, bound = limit(app_ms, left)
+    app_ms = state.session_ms
+    if app_ms is None:
+        app_ms = app_timeout_ms(conn, state)
+    ms = _ceil(left * 1000.0) or 1  # as limit(), inline
+    bound = not 0 < app_ms < ms
+    if not bound:
+        ms = app_ms
     state.ours_ms = ms
     state.under_ms = app_ms
     return ms, bound
@@ -303,7 +316,7 @@ def plan(
     if (
         not prefixable
         or op in NOT_PREFIXABLE
-        or (conn.autocommit and outside_transaction_only(op, query))
+        or (op in OUTSIDE_BLOCK_OPS and conn.autocommit and outside_transaction_only(op, query))
     ):
         # A named cursor's DECLARE, COPY, VACUUM, CREATE INDEX CONCURRENTLY, CALL
         # of a procedure that commits...: a prefix would make a transaction
@@ -312,6 +325,8 @@ def plan(
             if not prefixable or op in SESSION_BOUND_OPS:
                 return (None, *bound_session(conn, state, left))
             return None, False, None  # LOCK, SHOW, LISTEN...: only the deadline check
+        if prefixable and op in INSTANT_OPS:
+            return None, False, None  # SAVEPOINT, ROLLBACK, SHOW...: only the deadline check
         # In a transaction: bound what follows with a separate SET LOCAL.
         return None, set_local_separately(conn, state, left), None
     ms, bound = ours(conn, state, left)

@@ -9,6 +9,8 @@ taken from a statement is its first keyword, from a fixed set.
 from __future__ import annotations
 
 import time
+from itertools import groupby
+from operator import itemgetter
 
 from agent import metrics
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "classify_error",
     "expand_queries",
+    "expand_statements",
     "finish",
     "operation",
     "outside_transaction_only",
@@ -106,13 +109,34 @@ def operation(query: Any) -> str:
     return op
 
 
+#: What comes before the first keyword (blanks, ``(``, ``-- ...`` and ``/* ... */``
+#: comments, one unterminated running to the end), then its ASCII letters.
+_LEADING = r"(?:[\s(]+|--[^\n]*\n?|/\*(?:.*?\*/|.*))*([A-Za-z]*)"
+_leading: Any = None
+
+
 def _first_keyword(query: Any) -> str:
+    global _leading
     if isinstance(query, bytes):
         text = query[:512].decode("ascii", "replace")
     elif isinstance(query, str):
         text = query[:512]
     else:
         return "other"  # e.g. psycopg2.sql.Composed: rendering it needs a connection
+    if _leading is None:
+        import re
+
+        _leading = re.compile(_LEADING, re.DOTALL)
+    found = _leading.match(text)
+    end = found.end()
+    if end < len(text) and text[end].isalpha():
+        return _first_keyword_by_char(text)  # a letter beyond ASCII ('\u212a'.lower() is 'k')
+    word = found.group(1).lower()
+    return word if word in OPERATIONS else "other"
+
+
+def _first_keyword_by_char(text: str) -> str:
+    """:func:`_first_keyword`, a character at a time: what ``_LEADING`` does, with any letters."""
     i, n = 0, len(text)
     while i < n:  # skip blanks, `-- ...` and `/* ... */` comments, and `(`
         c = text[i]
@@ -199,4 +223,36 @@ def expand_queries(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any,
     for (peer, db, op, kind, code), n in errors.items():
         error_tags = (("peer", peer), ("db", db), ("operation", op), ("type", kind), ("code", code))
         records.append((metrics.COUNT, "sql.errors", n, error_tags))
+    return records
+
+
+_statement_state = itemgetter(0)
+_statement_op = itemgetter(1)
+_statement_ms = itemgetter(2)
+
+
+def expand_statements(payloads: list[tuple[Any, str, float]]) -> list[tuple[int, str, Any, Any]]:
+    """``sql.queries`` and ``sql.latency`` of statements that succeeded (metrics thread).
+
+    The hot path's payload is ``(state, op, elapsed_ms)``, ``state`` being what the
+    driver keeps per connection (its ``peer`` and ``db``): three items to put in a
+    tuple. Runs of one connection's statements, and within them runs of one
+    operation (the common case), are grouped in C (``groupby`` on items that are
+    compared by identity first) rather than looked up one by one.
+    """
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for state, of_state in groupby(payloads, _statement_state):
+        peer, db = state.peer, state.db
+        for op, group in groupby(of_state, _statement_op):
+            key = (peer, db, op)
+            found = samples.get(key)
+            if found is None:
+                samples[key] = list(map(_statement_ms, group))
+            else:
+                found.extend(map(_statement_ms, group))
+    records: list[tuple[int, str, Any, Any]] = []
+    for (peer, db, op), values in samples.items():
+        tags = (("peer", peer), ("db", db), ("operation", op))
+        records.append((metrics.COUNT, "sql.queries", len(values), tags))
+        records.append((metrics.TIMING, "sql.latency", values, tags))
     return records

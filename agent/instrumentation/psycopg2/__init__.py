@@ -30,6 +30,7 @@ from agent import _log, config, context, naming
 from agent.context import DeadlineExceeded
 from agent.instrumentation import Patch
 from agent.instrumentation.psycopg2.cursor import execute_own, timed_cursor_class
+from agent.instrumentation.psycopg2.cursor import timed_classes as _timed_classes
 from agent.sql import postgres, record
 from agent.sql.postgres import State
 
@@ -49,20 +50,37 @@ _finish = record.finish
 class ConnectionMixin(_BaseConnection):
     """Gives every cursor of the connection timed ``execute``/``executemany``/``callproc``."""
 
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+    _talisker: State  # set by connect_wrapper once connected
+
+    def cursor(
+        self,
+        name: Any = None,
+        cursor_factory: Any = None,
+        withhold: Any = False,
+        scrollable: Any = None,
+    ) -> Any:
+        """psycopg2's ``cursor()`` (the same parameters), of the timed subclass of the class chosen.
+
+        psycopg2 gets them positionally: parsing keywords costs it more than the rest of
+        making a cursor. The cursor notes its connection's State for the inline path.
+        """
         try:
-            if len(args) > 1:
-                factory = args[1] or getattr(self, "cursor_factory", None) or _BaseCursor
-                args = (args[0], timed_cursor_class(factory), *args[2:])
-            else:
-                chosen = kwargs.get("cursor_factory") or getattr(self, "cursor_factory", None)
-                factory = chosen or _BaseCursor
-                kwargs["cursor_factory"] = timed_cursor_class(factory)
+            factory: Any = cursor_factory or self.cursor_factory or _BaseCursor  # type: ignore[truthy-function]
+            timed = _timed_classes.get(factory) or timed_cursor_class(factory)
         except Exception:
             _log.log_once(
                 "psycopg2-cursor", "agent: timing a psycopg2 cursor failed", exc_info=True
             )
-        return _BaseConnection.cursor(self, *args, **kwargs)
+            timed = cursor_factory
+        if withhold is False and scrollable is None:
+            cursor = _BaseConnection.cursor(self, name, timed)
+        else:
+            cursor = _BaseConnection.cursor(self, name, timed, withhold, scrollable)
+        try:
+            cursor._talisker_state = self._talisker if cursor.name is None else None
+        except AttributeError:
+            pass  # not a timed class, or no State (cursor.py notes it at the first statement)
+        return cursor
 
     def reset(self) -> None:
         """psycopg2's ``reset()`` (``ABORT; RESET ALL``...): the agent forgets the timeouts."""

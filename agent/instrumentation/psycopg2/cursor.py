@@ -43,22 +43,27 @@ _current_scope = context.current
 _check = context.time_left
 _operation = record.operation
 _finish = record.finish
-_expand = record.expand_queries
+_expand_statements = record.expand_statements
 _record_deferred = metrics.record_deferred
 _NOT_PREFIXABLE = record.NOT_PREFIXABLE
 #: Operations the inline path leaves to _bounded: no prefix, or a prefix only sometimes.
 _NOT_INLINE = _NOT_PREFIXABLE | record.OUTSIDE_BLOCK_OPS
-#: The operation of query strings seen before that have no effect on statement_timeout:
-#: the inline path's cache. Any other statement takes the slower _run_uncommon.
+#: The operation of query strings seen before that have no effect on statement_timeout;
+#: any other statement takes the slower _run_uncommon.
 _plain_ops: dict[str, str] = {}
 _plain_operation = _plain_ops.get
+#: Those of them whose operation is not in _NOT_INLINE: the inline path's cache.
+_inline_ops: dict[str, str] = {}
+_inline_operation = _inline_ops.get
 _PLAIN_LIMIT = 2048
 _ceil = math.ceil
 
-__all__ = ["execute_own", "timed_cursor_class"]
+__all__ = ["cursor_state", "execute_own", "timed_classes", "timed_cursor_class"]
 
 
 _cursor_classes: dict[type, type] = {}
+#: The timed subclass of each cursor class seen (read by ``connection.cursor()``).
+timed_classes: dict[Any, Any] = _cursor_classes
 
 
 def timed_cursor_class(factory: Any) -> Any:
@@ -86,8 +91,8 @@ def timed_cursor_class(factory: Any) -> Any:
             "callproc": callproc,
             "query": property(_query_reader(factory.query), doc=_BaseCursor.query.__doc__),
             # The prefix of ours on the last prefixed statement (or its milliseconds),
-            # so `query` can show the statement without it.
-            "__slots__": ("_talisker_prefix",),
+            # so `query` can show the statement without it; and cursor_state().
+            "__slots__": ("_talisker_prefix", "_talisker_state"),
             "__module__": factory.__module__,
             "__doc__": factory.__doc__,
         },
@@ -122,64 +127,110 @@ def _query_reader(base: Any) -> Callable[[Any], Any]:
 
 
 def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """A timed ``execute`` or ``executemany`` calling ``base``: the per-query hot path."""
+    """A timed ``execute`` or ``executemany`` calling ``base``: the per-query hot path.
+
+    The common case inline: an unnamed cursor of a connection the agent keeps a
+    :class:`State` for (noted on the cursor when it is made), a query string seen
+    before that the inline path may send with a prefix, the session's timeout known.
+    A function call here is a measurable share of the overhead; anything else
+    takes :func:`_run_other`.
+    """
 
     def method(self: Any, query: Any, vars: Any = None) -> Any:
         if config.current is None:
             return base(self, query, vars)
         try:
-            state: State = self.connection._talisker
+            state: State | None = self._talisker_state
         except AttributeError:
-            return base(self, query, vars)
+            state = _cursor_state(self)
         scope = _current_scope()
-        if scope.suppressed:
-            return _run_suppressed(self, base, state, query, vars)
-        op = _plain_operation(query) if type(query) is str else None
+        if state is None or scope.suppressed or type(query) is not str:
+            return _run_other(self, base, state, query, vars)
+        op = _inline_operation(query)
         if op is None:
-            return _run_uncommon(self, base, state, query, vars)
+            return _run_other(self, base, state, query, vars)
         deadline = scope.deadline
-        bound = False
         if deadline is not None:
-            # The common case inline (a plain statement, the session's timeout
-            # known): a function call here is a measurable share of the overhead.
             left = deadline.expires - _monotonic()
             session_ms = state.session_ms
-            if (
-                left > 0.0
-                and session_ms is not None
-                and op not in _NOT_INLINE
-                and self.name is None
-            ):
-                ms = _ceil(left * 1000.0)  # >= 1: statement_timeout 0 would mean no limit
-                bound = not 0 < session_ms < ms
-                if not bound:
-                    ms = session_ms
-                # In force until the transaction ends: an autocommit statement's own,
-                # or one the application began (by hand, even in autocommit).
-                state.ours_ms = ms
-                self._talisker_prefix = ms  # an int: cheaper to keep than the prefix
-                query = f"SET LOCAL statement_timeout = {ms}; {query}"
-            else:
+            if left <= 0.0 or session_ms is None:
                 return _run_bounded(self, base, state, op, query, vars, deadline)
-        elif state.ours_ms:
-            query = _unbounded(self, state, op, query)
+            ms = _ceil(left * 1000.0)  # >= 1: statement_timeout 0 would mean no limit
+            if session_ms and session_ms < ms:  # never negative; 0: no timeout of its own
+                ms = session_ms
+                bound = False
+            else:
+                bound = True
+            # In force until the transaction ends: an autocommit statement's own,
+            # or one the application began (by hand, even in autocommit).
+            state.ours_ms = ms
+            self._talisker_prefix = ms  # an int: cheaper to keep than the prefix
+            query = f"SET LOCAL statement_timeout = {ms}; {query}"
+        else:
+            bound = False
+            if state.ours_ms:
+                query = _unbounded(self, state, op, query)
         start = _perf_counter()
         try:
             result = base(self, query, vars)
         except Exception as exc:
             _finish(state.peer, state.db, op, start, exc, bound)
             raise
-        _record_deferred(
-            _expand, (state.peer, state.db, op, (_perf_counter() - start) * 1000.0, None, None)
-        )
+        _record_deferred(_expand_statements, (state, op, (_perf_counter() - start) * 1000.0))
         return result
 
     method.__name__ = method.__qualname__ = name
     return method
 
 
+def cursor_state(cursor: Any) -> State | None:
+    """What the inline path needs noted on a new cursor: its connection's State if it is unnamed.
+
+    None for a named cursor (its ``DECLARE`` cannot take a prefix) or a connection the
+    agent keeps nothing for: their statements take :func:`_run_other`.
+    """
+    if cursor.name is not None:
+        return None
+    state: State | None = getattr(cursor.connection, "_talisker", None)
+    return state
+
+
+def _cursor_state(cursor: Any) -> State | None:
+    """A cursor not made by the agent's ``connection.cursor()``: noted at its first statement."""
+    state = cursor_state(cursor)
+    cursor._talisker_state = state
+    return state
+
+
+def _run_other(
+    cursor: Any, base: Callable[..., Any], state: State | None, query: Any, vars: Any
+) -> Any:
+    """A statement the inline path leaves: suppressed, not a known plain string, a named cursor.
+
+    ``state`` is the one noted on the cursor, None for a named cursor (or one made
+    before the connection had one): then it is the connection's, if any.
+    """
+    if state is None:
+        try:
+            state = cursor.connection._talisker
+        except AttributeError:
+            return base(cursor, query, vars)
+    scope = _current_scope()
+    if scope.suppressed:
+        return _run_suppressed(cursor, base, state, query, vars)
+    op = _plain_operation(query) if type(query) is str else None
+    deadline = scope.deadline
+    if op is None:
+        return _run_uncommon(cursor, base, state, query, vars, deadline)
+    if deadline is not None:
+        return _run_bounded(cursor, base, state, op, query, vars, deadline)
+    if state.ours_ms:
+        query = _unbounded(cursor, state, op, query)
+    return _timed(base, cursor, query, vars, state, op, False, None)
+
+
 def _run_uncommon(
-    cursor: Any, base: Callable[..., Any], state: State, query: Any, vars: Any
+    cursor: Any, base: Callable[..., Any], state: State, query: Any, vars: Any, deadline: Any
 ) -> Any:
     """A statement the inline path does not know.
 
@@ -195,8 +246,10 @@ def _run_uncommon(
     if effect == NO_EFFECT and text:  # not the renderings, each with its own literals
         if len(_plain_ops) >= _PLAIN_LIMIT:
             _plain_ops.clear()
+            _inline_ops.clear()
         _plain_ops[query] = op
-    deadline = _current_scope().deadline
+        if op not in _NOT_INLINE:
+            _inline_ops[query] = op
     if deadline is not None:
         query, bound, restore = _bounded(cursor, state, op, query, deadline)
     else:
@@ -278,7 +331,7 @@ def _timed(
         except Exception as exc:
             _finish(state.peer, state.db, op, start, exc, bound)
             raise
-        _finish(state.peer, state.db, op, start)
+        _record_deferred(_expand_statements, (state, op, (_perf_counter() - start) * 1000.0))
         failed = False
     finally:
         if restore is not None:
@@ -304,7 +357,9 @@ def _bounded(
     Returns the statement to send, whether the deadline is its bound, and what
     :func:`restore_session` needs if the bound had to be set for the session.
     """
-    left = _time_left(state, op, deadline)
+    left = deadline.expires - _monotonic()
+    if left <= 0.0:
+        _time_left(state, op, deadline)  # raises DeadlineExceeded, recorded
     conn = cursor.connection
     try:
         prefix, bound, restore = plan(conn, state, op, query, cursor.name is None, left)
@@ -314,7 +369,7 @@ def _bounded(
     if prefix is None:
         return query, bound, restore
     cursor._talisker_prefix = prefix
-    return prefixed(query, prefix), bound, None
+    return (prefix + query if type(query) is str else prefixed(query, prefix)), bound, None
 
 
 def _unbounded(cursor: Any, state: State, op: str, query: Any) -> Any:
