@@ -409,9 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--big", type=int, default=700, help="calls in the long run")
     parser.add_argument("--layouts", type=int, default=2, help="heap layouts averaged per row")
     parser.add_argument(
-        "--peer-small", type=int, default=50, help="calls in a peer's short run (ddtrace, otel)"
+        "--peer-small", type=int, default=40, help="calls in a peer's short run (ddtrace, otel)"
     )
-    parser.add_argument("--peer-big", type=int, default=350, help="calls in a peer's long run")
+    parser.add_argument("--peer-big", type=int, default=240, help="calls in a peer's long run")
     parser.add_argument(
         "--peer-layouts",
         type=int,

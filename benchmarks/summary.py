@@ -190,7 +190,8 @@ def report(figures: dict[str, Any]) -> list[dict[str, Any]]:
             f"{verdict(share_value, line['share_target']):<5}",
             f"{other_share[0]:>7.3f}" if other_share else f"{'-':>7}",
         ]
-        print(" ".join(cells) + (f"  (cheaper peer: {LABELS[share[1]]})" if share else ""))
+        cheaper = share or other_share
+        print(" ".join(cells) + (f"  (cheaper peer: {LABELS[cheaper[1]]})" if cheaper else ""))
     print(
         "agent/hand: the agent's figure over the by-hand row's; agent added/peer: the agent's"
         " added cost over raw\nas a share of the cheaper peer's (ddtrace, OpenTelemetry)."
@@ -216,10 +217,12 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="talisker-bench-") as tmp:
             figures = measure(opts, Path(tmp))
+        if opts.json:  # before the table: --from-json prints it again
+            opts.json.write_text(json.dumps(figures, indent=2) + "\n")
     figures["targets"] = report(figures)
     minutes = (time.monotonic() - began) / 60
     print(f"({minutes:.1f} min)")
-    if opts.json:
+    if opts.json and not opts.from_json:
         opts.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
