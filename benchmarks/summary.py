@@ -60,11 +60,14 @@ PATH_NAMES = {
 }
 
 
-def run(script: str, *args: str) -> None:
+def run(script: str, *args: str) -> bool:
     command = [sys.executable, str(HERE / script), *args]
     print(f"\n$ {' '.join(Path(c).name if c == command[1] else c for c in command[1:])}")
     sys.stdout.flush()
-    subprocess.run(command, check=True)
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        print(f"({script} failed, exit status {code}: its figures are missing below)")
+    return code == 0
 
 
 def measure(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -75,22 +78,16 @@ def measure(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             run("metric_call.py")
         for script, (_, full, quick) in WALL.items():
             out = workdir / f"{script}.json"
-            run(script, *(quick if opts.quick else full), "--json", str(out))
-            figures["wall"].update(json.loads(out.read_text())["paths"])
+            if run(script, *(quick if opts.quick else full), "--json", str(out)):
+                figures["wall"].update(json.loads(out.read_text())["paths"])
     if "instructions" in opts.parts and shutil.which("valgrind") is None:
         print("(valgrind not found: the instruction counts are skipped)")
     elif "instructions" in opts.parts:
         out = workdir / "instructions.json"
         modes = ",".join(["raw", "hand", "agent", *available_peers()])
-        run(
-            "instructions.py",
-            "--modes",
-            modes,
-            *(QUICK_INSTRUCTIONS if opts.quick else []),
-            "--json",
-            str(out),
-        )
-        figures["instructions"] = json.loads(out.read_text())
+        quick = QUICK_INSTRUCTIONS if opts.quick else []
+        if run("instructions.py", "--modes", modes, *quick, "--json", str(out)):
+            figures["instructions"] = json.loads(out.read_text())
     return figures
 
 
