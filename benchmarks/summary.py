@@ -12,7 +12,9 @@ ratio to by hand with the interquartile range) and its instructions per call
 judges it in, with the other measure beside it: the agent / by hand, and the
 agent's added cost over raw as a share of the cheaper peer's, marked pass or
 over. ``--quick`` is for checking the harness: short rounds and runs, one
-layout, no start-up scripts. ``--json OUT`` keeps everything measured.
+layout, no start-up scripts. ``--json OUT`` keeps everything measured,
+``--from-json OUT`` prints its table again, ``--markdown`` also as the tables
+of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -196,6 +198,59 @@ def report(figures: dict[str, Any]) -> list[dict[str, Any]]:
     return judged
 
 
+def markdown(figures: dict[str, Any]) -> str:
+    """The figures as docs/benchmarks.md's tables: one row per path and mode, then the targets."""
+    lines = [
+        "| path | mode | wall µs | / by hand (IQR) | instructions | / by hand |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for path in TARGETS:
+        wall = figures["wall"].get(path, {}).get("rows", {})
+        counts = instruction_counts(figures, path)
+        if not wall and not counts:
+            continue
+        hand = counts.get("hand")
+        for mode in MODES:
+            row, count = wall.get(mode), counts.get(mode)
+            if row is None and count is None:
+                continue
+            cells = [
+                path if mode == "raw" else "",
+                LABELS[mode],
+                f"{row['median']:.1f}" if row else "-",
+                format_ratio(row["vs_hand"]) if row else "-",
+                f"{count:,.0f}" if count is not None else "-",
+                f"{count / hand:.4f}" if count is not None and hand else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| path | judged in | agent / by hand | target | | agent's added / cheaper peer's "
+        "| target | | the other measure: ratio, share |",
+        "|---|---|---:|---:|---|---:|---:|---|---|",
+    ]
+    for line in figures.get("targets") or report(figures):
+        measure = line["measure"]
+        other = "wall" if measure == "instructions" else "instructions"
+        ratio, share = line["agent_vs_hand"][measure], line["agent_share"][measure]
+        other_ratio, other_share = line["agent_vs_hand"][other], line["agent_share"][other]
+        share_value = share[0] if share else None
+        cells = [
+            line["path"],
+            measure,
+            f"{ratio:.4f}" if ratio is not None else "-",
+            f"{line['hand_target']:.2f}",
+            verdict(ratio, line["hand_target"]),
+            f"{share_value:.3f} ({LABELS[share[1]]})" if share else "-",
+            f"1/{round(1 / line['share_target'])}",
+            verdict(share_value, line["share_target"]),
+            (f"{other_ratio:.3f}" if other_ratio is not None else "-")
+            + (f", {other_share[0]:.3f}" if other_share else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -205,6 +260,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write everything measured here")
     parser.add_argument(
         "--from-json", type=Path, help="print the table of an earlier --json, measuring nothing"
+    )
+    parser.add_argument(
+        "--markdown", action="store_true", help="also print the tables of docs/benchmarks.md"
     )
     opts = parser.parse_args()
     opts.parts = set(opts.parts) or {"timing", "instructions"}
@@ -219,6 +277,8 @@ def main() -> None:
     figures["targets"] = report(figures)
     minutes = (time.monotonic() - began) / 60
     print(f"({minutes:.1f} min)")
+    if opts.markdown:
+        print("\n" + markdown(figures))
     if opts.json and not opts.from_json:
         opts.json.write_text(json.dumps(figures, indent=2) + "\n")
 
