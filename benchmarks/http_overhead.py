@@ -10,19 +10,21 @@ the other (on a noisy host, pairs taken close in time cancel the drift that
 separate medians would carry), with its interquartile range; the order of the
 modes is shuffled from round to round.
 
-A third column, "by hand", is the uninstrumented client sending what the agent
-makes it send (the two headers, connect and read timeouts): the part of the
-overhead that is the cost of the headers and socket timeouts themselves in
-urllib3 and http.client, which any implementation of the feature pays.
-
-Targets: urllib3 at most 1.05x raw, requests at most 1.03x raw.
+The by-hand row (``byhand.py``, docs/benchmarks.md) is the uninstrumented
+client doing what the agent makes it do, written inline: the three headers,
+the time left as connect and read timeout, one metric record. The ddtrace and
+OpenTelemetry rows are the same loop in a worker process started as their
+launchers start it (``_peer_worker.py``), a round at a time on command, their
+rounds shuffled among the in-process ones. Each row's ratio is to by hand;
+the agent's added cost over raw is also given as a share of the cheaper
+peer's. The targets (issue 14) are judged in instructions: ``--instructions``
+counts them (``instructions.py``) for urllib3 and requests in the five modes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,19 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["TALISKER_ENABLED"] = "false"  # installed explicitly, round by round
 
+import byhand  # noqa: E402
 from _util import (  # noqa: E402
     RECEIVER,
     SERVER,
-    format_ratio,
-    paired_ratio,
+    PeerWorker,
+    add_common_options,
+    available_peers,
+    closed_port,
+    instructions_mode,
+    print_wall,
     run_alternating,
     start,
+    wall_rows,
+    write_json,
 )
 
 import agent  # noqa: E402
 from agent import config  # noqa: E402
 
-TARGETS = {"urllib3": 1.05, "requests": 1.03}
+PATHS = ("urllib3", "requests")
 
 
 def run_round(do_request, n: int) -> float:
@@ -57,13 +66,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=500, help="requests per round")
     parser.add_argument("--rounds", type=int, default=30, help="rounds per mode")
+    add_common_options(parser)
     opts = parser.parse_args()
+    if opts.instructions:
+        return instructions_mode(PATHS, opts)
 
+    peers = available_peers(opts.no_peers)
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {0})
     server, port = start(SERVER)
     receiver, statsd_port = start(RECEIVER)
+    closed = closed_port()
     cfg = config.load({"DD_DOGSTATSD_URL": f"udp://127.0.0.1:{statsd_port}"})
+    results: dict[str, object] = {}
     try:
         import requests
         import urllib3
@@ -71,28 +86,17 @@ def main() -> None:
         pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1)
         session = requests.Session()
         url = f"http://127.0.0.1:{port}/"
-        headers = {
-            "X-Request-Id": "0123456789abcdef0123456789abcdef",
-            "X-Request-Deadline": "2026-11-21T05:12:33.123Z",
-        }
-        timeout = urllib3.Timeout(connect=3600, read=3600)
         clients = {
             "urllib3": (
                 lambda: pool.urlopen("GET", "/").data,
-                lambda: pool.urlopen("GET", "/", headers=headers, timeout=timeout).data,
+                lambda request: lambda: byhand.urllib3_get(pool, request),
             ),
             "requests": (
                 lambda: session.get(url).content,
-                lambda: session.get(url, headers=headers, timeout=(3600, 3600)).content,
+                lambda request: lambda: byhand.requests_get(session, request, url),
             ),
         }
-        print(
-            f"{'client':<10} {'raw µs':>8} {'by hand':>8} {'agent µs':>9} {'added':>7} "
-            f"{'ratio (IQR)':>20} {'target':>7} {'vs hand (IQR)':>20}"
-        )
         for name, (do_request, by_hand) in clients.items():
-            for _ in range(200):  # warm up connections and caches
-                do_request()
 
             def raw_round(do_request=do_request) -> float:
                 agent.uninstall()
@@ -100,7 +104,9 @@ def main() -> None:
 
             def hand_round(by_hand=by_hand) -> float:
                 agent.uninstall()
-                return run_round(by_hand, opts.requests)
+                result = run_round(by_hand(byhand.Request(3600)), opts.requests)
+                byhand.RECORDS.clear()
+                return result
 
             def agent_round(do_request=do_request) -> float:
                 agent.install(cfg)
@@ -109,26 +115,25 @@ def main() -> None:
                 agent.flush(5)
                 return result
 
-            samples = run_alternating(
-                {"raw": raw_round, "hand": hand_round, "agent": agent_round}, opts.rounds
-            )
+            workers = [PeerWorker(name, peer, closed, BENCH_HTTP_PORT=str(port)) for peer in peers]
+            try:
+                modes = {"raw": raw_round, "hand": hand_round, "agent": agent_round}
+                for run in modes.values():
+                    run()  # warm up connections and caches
+                for peer, worker in zip(peers, workers, strict=True):
+                    modes[peer] = lambda worker=worker: worker.round(opts.requests)
+                samples = run_alternating(modes, opts.rounds)
+            finally:
+                for worker in workers:
+                    worker.close()
             agent.uninstall()
-            raw, hand, instrumented = samples["raw"], samples["hand"], samples["agent"]
-            r, h, i = (
-                statistics.median(raw),
-                statistics.median(hand),
-                statistics.median(instrumented),
-            )
-            ratio = paired_ratio(raw, instrumented)
-            vs_hand = paired_ratio(hand, instrumented)
-            print(
-                f"{name:<10} {r:>8.1f} {h:>8.1f} {i:>9.1f} {i - r:>+7.1f} "
-                f"{format_ratio(ratio):>20} {TARGETS[name]:>6.2f}x {format_ratio(vs_hand):>20}"
-                + ("" if ratio[0] <= TARGETS[name] else "  over target")
-            )
+            rows = wall_rows(samples)
+            print_wall(name, rows)
+            results[name] = {"samples": samples, "rows": rows}
     finally:
         server.kill()
         receiver.kill()
+    write_json(opts, "http_overhead", results, requests=opts.requests, rounds=opts.rounds)
 
 
 if __name__ == "__main__":

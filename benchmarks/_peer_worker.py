@@ -1,0 +1,159 @@
+"""A wall-clock peer: one path's loop under ddtrace or OpenTelemetry, a round at a time.
+
+``python _peer_worker.py PATH MODE``, started with the environment of
+``_util.peer_process_env`` (the peer's bootstrap first on ``PYTHONPATH``, as
+its launcher does), by ``_util.PeerWorker``. It sets the path up as the
+in-process modes of the overhead script do (one keep-alive connection to the
+loopback server of ``$BENCH_HTTP_PORT``, or one connection to
+``$BENCH_DSN``, its backend put on core 1), checks that the peer's
+instrumentation is in place, warms up, and prints ``ready``. Then each line
+``KIND N`` on stdin is a round: N calls, answered with the µs per call.
+KIND is ``peer`` (the loop, which the peer instruments) or, for psycopg2,
+``raw`` (psycopg2's own cursor on the same connection, which the peer does
+not touch: the peer's baseline on its own backend). Paths: ``urllib3``,
+``requests``, ``psycopg2-autocommit``, ``psycopg2-transaction``.
+
+Between rounds, outside the timing, the peer's tracer is flushed once
+:data:`FLUSH_EVERY` calls have been made since the last flush (the agent's
+rounds end with ``agent.flush()``). Not after every round: ddtrace's writer
+sends to a closed port, and its exporter retries for about 3 s before it
+drops the payload; its buffer (20 MB) holds far more than that many traces.
+OpenTelemetry's exporters are ``none``: its flush does nothing. The writer's
+"failed to send" errors are not logged, and the worker leaves without the
+exit flush.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from _instructions_child import _pg_connect, check_instrumented
+
+WARM_UP = 200
+#: Calls between two flushes of the peer's tracer.
+FLUSH_EVERY = 5000
+
+
+def pin_client() -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {0})
+
+
+def pin_backend(conn: object) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        try:
+            os.sched_setaffinity(conn.info.backend_pid, {1})  # type: ignore[attr-defined]
+        except OSError:
+            pass
+
+
+def setup_urllib3(mode: str) -> dict[str, Callable[[], object]]:
+    import urllib3
+
+    check_instrumented(mode, urllib3.connectionpool.HTTPConnectionPool, "urlopen")
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", int(os.environ["BENCH_HTTP_PORT"]), maxsize=1)
+    return {"peer": lambda: pool.urlopen("GET", "/").data}
+
+
+def setup_requests(mode: str) -> dict[str, Callable[[], object]]:
+    import requests
+
+    check_instrumented(mode, requests.sessions.Session, "send")
+    session = requests.Session()
+    url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
+    return {"peer": lambda: session.get(url).content}
+
+
+def raw_cursor(conn: object) -> object:
+    """psycopg2's own cursor on the peer's connection (ddtrace's is a proxy of one)."""
+    import psycopg2
+
+    base = getattr(conn, "__wrapped__", conn)
+    cursor = psycopg2.extensions.connection.cursor(base, cursor_factory=psycopg2.extensions.cursor)
+    if type(cursor) is not psycopg2.extensions.cursor:
+        raise SystemExit(f"the raw cursor is a {type(cursor)!r}")
+    return cursor
+
+
+def setup_pg(mode: str, autocommit: bool) -> dict[str, Callable[[], object]]:
+    conn = _pg_connect(mode, autocommit=autocommit)
+    pin_backend(getattr(conn, "__wrapped__", conn))
+    cur, raw = conn.cursor(), raw_cursor(conn)
+    if type(cur) is type(raw):
+        raise SystemExit(f"{mode} gave psycopg2's own cursor: it is not in place")
+    commit = conn.commit
+    base_commit = getattr(conn, "__wrapped__", conn).commit
+
+    def call(cur=cur) -> None:
+        cur.execute("SELECT 1")
+        cur.fetchone()
+
+    def call_commit(cur=cur) -> None:
+        cur.execute("SELECT 1")
+        cur.fetchone()
+        commit()
+
+    def raw_commit(cur=raw) -> None:
+        cur.execute("SELECT 1")
+        cur.fetchone()
+        base_commit()
+
+    if autocommit:
+        return {"peer": call, "raw": lambda: call(raw)}
+    return {"peer": call_commit, "raw": raw_commit}
+
+
+SETUPS: dict[str, Callable[[str], dict[str, Callable[[], object]]]] = {
+    "urllib3": setup_urllib3,
+    "requests": setup_requests,
+    "psycopg2-autocommit": lambda mode: setup_pg(mode, autocommit=True),
+    "psycopg2-transaction": lambda mode: setup_pg(mode, autocommit=False),
+}
+
+
+def flusher(mode: str) -> Callable[[], object]:
+    """What ends a round: the peer's spans written (to the closed port) or dropped."""
+    if mode == "ddtrace":
+        import logging
+
+        from ddtrace.trace import tracer
+
+        logging.getLogger("ddtrace.internal.writer.writer").setLevel(logging.CRITICAL)
+        return tracer.flush
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    return getattr(provider, "force_flush", lambda: None)
+
+
+def main() -> None:
+    path, mode = sys.argv[1], sys.argv[2]
+    pin_client()
+    calls = SETUPS[path](mode)
+    flush = flusher(mode)
+    for call in calls.values():
+        for _ in range(WARM_UP):
+            call()
+    print("ready", flush=True)
+    perf_counter = time.perf_counter
+    unflushed = WARM_UP * len(calls)
+    for line in sys.stdin:
+        kind, n = line.split()
+        call, count = calls[kind], int(n)
+        start = perf_counter()
+        for _ in range(count):
+            call()
+        seconds = perf_counter() - start
+        unflushed += count
+        if unflushed >= FLUSH_EVERY:
+            flush()
+            unflushed = 0
+        print(f"{seconds / count * 1e6:.3f}", flush=True)
+    os._exit(0)  # nothing left to keep: no exit flush to the closed port
+
+
+if __name__ == "__main__":
+    main()
