@@ -567,3 +567,54 @@ def test_a_far_future_incoming_deadline_behaves_as_none(install_agent, http_serv
             assert requests.get(url, headers=headers).status_code == 200
     assert outgoing == [None, None, None]
     assert all(r.header("X-Request-Deadline") is None for r in http_server.requests)
+
+
+def test_the_request_record_has_every_field_set(install_agent):
+    """The WSGI record is made without an __init__: no field of it may be left unset."""
+    install_agent()
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(current_request())
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    body = TaliskerMiddleware(app)(environ, lambda *a: None)
+    (request,) = seen
+    slots = [name for cls in type(request).__mro__ for name in getattr(cls, "__slots__", ())]
+    assert "request_id" in slots and "start" in slots
+    for name in slots:
+        getattr(request, name)  # AttributeError if it was never set
+    assert list(body) == [b"ok"]
+    body.close()
+
+
+def test_start_response_passes_exc_info_on(install_agent, statsd):
+    """PEP 3333: an application may start again with exc_info before anything is sent."""
+    import sys
+
+    install_agent()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise RuntimeError("late failure")
+        except RuntimeError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"failed"]
+
+    def strict(environ, start_response):
+        def checked(status, headers, *exc_info):
+            assert len(exc_info) == (1 if status.startswith("500") else 0)
+            return start_response(status, headers, *exc_info)
+
+        return TaliskerMiddleware(app)(environ, checked)
+
+    with serve(strict) as url:
+        response = requests.get(url, headers={"X-Request-Id": "again"})
+    assert response.status_code == 500
+    assert response.text == "failed"
+    assert response.headers["X-Request-Id"] == "again"
+    sent(statsd)
+    assert statsd.total("talisker.wsgi.errors", status="500") == 1
