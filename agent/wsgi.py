@@ -23,9 +23,10 @@ reach the next.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
-from agent import _log, config, context, propagation
+from agent import _fork, _log, config, context, propagation
 from agent.context import Scope
 from agent.http import server
 from agent.http.server import Request
@@ -123,7 +124,10 @@ def handle(
         environ["talisker.request"] = request
         environ["REQUEST_ID"] = request_id  # talisker's name for it
         if _has_requests or _requests_installed():  # talisker's convention
-            environ["requests"] = _get_session()
+            try:
+                environ["requests"] = _thread.session
+            except AttributeError:  # the thread's first request
+                environ["requests"] = _thread.session = _get_session()
         request.start = _perf_counter()
         request.cpu = _thread_time()
     except Exception:
@@ -247,7 +251,12 @@ class _Exchange(Request):
             scope_token = self._scope_token
             if scope_token is not None:  # a second close() changes nothing
                 self._scope_token = None
-                _leave(scope_token, self._request_token)
+                try:  # _leave(), inline
+                    _reset_request(self._request_token)
+                    _reset_scope(scope_token)
+                except (ValueError, RuntimeError):  # closed in another context than called in
+                    context._scope.set(context.EMPTY)
+                    _request.set(None)
 
 
 class _FileClose:
@@ -349,6 +358,19 @@ def _requests_installed() -> bool:
 
 def _get_session() -> Any:  # replaced by agent.sessions.get_session once requests is found
     return None
+
+
+#: ``session``: what :func:`agent.sessions.get_session` gave this thread (it keeps one per
+#: thread, so asking it once per thread is enough); forgotten in a forked child, as it is.
+_thread = threading.local()
+
+
+def _forget_sessions_after_fork() -> None:
+    global _thread
+    _thread = threading.local()
+
+
+_fork.after_in_child(_fork.RESET, _forget_sessions_after_fork)
 
 
 def _environ_key(header: str) -> str:

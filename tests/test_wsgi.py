@@ -18,6 +18,7 @@ import urllib3
 import agent
 from agent import context
 from agent.wsgi import TaliskerMiddleware, current_request, parse_deadline
+from tests.support.proc import run_python
 
 
 class _Quiet(WSGIRequestHandler):
@@ -244,6 +245,55 @@ def test_environ_requests_is_the_threads_session(install_agent):
     with serve(TaliskerMiddleware(app)) as url:
         requests.get(url)
     assert isinstance(app.seen["session"], requests.Session)
+
+
+def test_environ_requests_is_each_threads_own_session_and_a_forked_childs_own(install_agent):
+    """``environ["requests"]`` is what ``agent.get_session()`` gives the serving thread."""
+    install_agent()
+    seen = []
+
+    def app(environ, start_response):
+        seen.append((environ["requests"], agent.get_session()))
+        start_response("200 OK", [])
+        return [b""]
+
+    def serve_one():
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+        TaliskerMiddleware(app)(environ, lambda *a: None).close()
+
+    serve_one()
+    serve_one()
+    thread = threading.Thread(target=serve_one)
+    thread.start()
+    thread.join()
+    assert all(given is expected for given, expected in seen)
+    assert seen[0][0] is seen[1][0]
+    assert seen[2][0] is not seen[0][0]
+    code = """
+        import os, agent
+        from agent.wsgi import TaliskerMiddleware
+        seen = []
+
+        def app(environ, start_response):
+            seen.append((environ["requests"], agent.get_session()))
+            start_response("200 OK", [])
+            return [b""]
+
+        def serve_one():
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+            TaliskerMiddleware(app)(environ, lambda *a: None).close()
+
+        serve_one()
+        pid = os.fork()
+        if pid == 0:
+            serve_one()
+            (parent, _), (given, expected) = seen
+            os._exit(0 if given is expected and given is not parent else 3)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0"
 
 
 def test_an_exception_propagates_unchanged_and_the_app_runs_once(install_agent, statsd):
