@@ -195,18 +195,26 @@ class _Exchange(Request):
     ) -> Any:
         """The application's ``start_response``: notes the status, adds the two headers."""
         try:
-            self.status = int(status[:3])
-            id_lower = self._keys.id_lower
+            try:
+                self.status = _status_codes[status]
+            except KeyError:
+                self.status = _status_code(status)
+            keys = self._keys
+            kinds = keys.header_kinds
             has_id = False
             sent_view = None
             for name, value in headers:
-                lowered = name.lower()
-                if lowered == id_lower:
-                    has_id = True
-                elif lowered == "x-view-name":
-                    sent_view = value
+                try:
+                    kind = kinds[name]
+                except KeyError:
+                    kind = keys.header_kind(name)
+                if kind:
+                    if kind == _ID:
+                        has_id = True
+                    else:
+                        sent_view = value
             if not has_id:
-                headers.append((self._keys.id_header, self.request_id))
+                headers.append((keys.id_header, self.request_id))
             view = self.view
             if not view:
                 environ: Any = self._environ
@@ -306,6 +314,22 @@ _set_request = _request.set
 _reset_request = _request.reset
 
 
+#: ``status line -> code``: parsing it costs more than the rest of ``start_response``.
+_status_codes: dict[str, int] = {}
+#: What :class:`_Keys` caches at most, of status lines and of header names.
+_CACHED = 256
+
+
+def _status_code(status: str) -> int:
+    code = int(status[:3])
+    if len(_status_codes) < _CACHED:
+        _status_codes[status] = code
+    return code
+
+
+_OTHER, _ID, _VIEW = 0, 1, 2  # what a response header is to the agent
+
+
 class _Keys:
     """What the hot path needs of a configuration, computed once per configuration."""
 
@@ -313,6 +337,7 @@ class _Keys:
         "compose",
         "config",
         "deadline_environ",
+        "header_kinds",
         "id_environ",
         "id_header",
         "id_lower",
@@ -323,6 +348,8 @@ class _Keys:
     def __init__(self, cfg: config.Config | None) -> None:
         global _keys
         self.config = cfg
+        #: ``response header name -> _ID, _VIEW or _OTHER``, as the application spells it.
+        self.header_kinds: dict[str, int] = {}
         if cfg is not None:
             self.id_header = cfg.id_header
             self.id_lower = cfg.id_header.lower()
@@ -332,6 +359,14 @@ class _Keys:
             self.no_timeout = not cfg.request_timeout
             self.soft_timeout = cfg.soft_request_timeout
             _keys = self
+
+    def header_kind(self, name: str) -> int:
+        """What the response header ``name`` is (case-insensitive); remembered."""
+        lowered = name.lower()
+        kind = _ID if lowered == self.id_lower else _VIEW if lowered == "x-view-name" else _OTHER
+        if len(self.header_kinds) < _CACHED:
+            self.header_kinds[name] = kind
+        return kind
 
 
 _keys = _Keys(None)

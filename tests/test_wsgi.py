@@ -88,6 +88,39 @@ def test_an_incoming_request_id_is_reused_and_returned(install_agent):
     assert response.headers["X-Request-Id"] == "abc-123"
 
 
+def test_the_response_headers_the_app_sets_itself_are_kept_in_any_case(install_agent):
+    """Its own id and view header (any case, any configured name) are not added again."""
+
+    def respond(app_headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        def app(environ, start_response):
+            start_response("200 OK", list(app_headers))
+            return [b""]
+
+        given = []
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_X_REQUEST_ID": "in"}
+        TaliskerMiddleware(app)(environ, lambda status, headers: given.extend(headers)).close()
+        return given
+
+    install_agent()
+    for _ in range(2):  # the second time, the names are known
+        assert respond([("x-request-id", "own"), ("X-VIEW-NAME", "v")]) == [
+            ("x-request-id", "own"),
+            ("X-VIEW-NAME", "v"),
+        ]
+        assert respond([("Content-Type", "text/plain")]) == [
+            ("Content-Type", "text/plain"),
+            ("X-Request-Id", "in"),
+        ]
+    agent.uninstall()
+    install_agent(TALISKER_ID_HEADER="X-Trace-Id")
+    assert respond([("x-request-id", "own"), ("x-trace-id", "t")]) == [
+        ("x-request-id", "own"),
+        ("x-trace-id", "t"),
+    ]
+    (_, (name, new_id)) = respond([("Content-Type", "text/plain")])
+    assert name == "X-Trace-Id" and len(new_id) == 32  # the incoming id is in X-Trace-Id
+
+
 def test_without_an_incoming_id_a_new_one_is_made(install_agent):
     install_agent()
     app = Recorder()
@@ -467,6 +500,20 @@ def test_flask_is_instrumented_without_code_changes(install_agent, statsd):
     sent(statsd, at_least=3)
     assert statsd.total("talisker.wsgi.requests", view="show_user", status="200") == 1
     assert statsd.total("talisker.wsgi.errors", view="fail", status="500") == 1
+
+
+def test_a_flask_request_no_route_matched_has_no_view(install_agent, statsd):
+    install_agent()
+    with serve(flask_app()) as url:
+        missing = requests.get(url + "/missing", headers={"X-Request-Id": "lost-1"})
+        wrong_method = requests.post(url + "/fail")
+    assert missing.status_code == 404
+    assert missing.headers["X-Request-Id"] == "lost-1"
+    assert "X-View-Name" not in missing.headers
+    assert wrong_method.status_code == 405
+    sent(statsd, at_least=2)
+    assert statsd.total("talisker.wsgi.requests", view="unknown", status="404") == 1
+    assert statsd.total("talisker.wsgi.requests", view="unknown", status="405") == 1
 
 
 def test_flask_wrapped_by_hand_is_counted_once(install_agent, statsd):
