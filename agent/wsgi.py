@@ -23,8 +23,11 @@ reach the next.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
-from agent import _log, config, context
+from agent import _fork, _log, config, context, propagation
+from agent.context import Scope
 from agent.http import server
 from agent.http.server import Request
 from agent.propagation import VIEW_HEADER, parse_deadline
@@ -34,8 +37,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
     from typing import Any, TypeVar
 
-    from agent.context import Scope
-
     F = TypeVar("F", bound=Callable[..., Any])
     StartResponse = Callable[..., Any]
     WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -43,6 +44,13 @@ if TYPE_CHECKING:
 __all__ = ["TaliskerMiddleware", "current_request", "parse_deadline", "request_timeout"]
 
 _finish = server.finish
+_scope_for = server.scope_for
+_new_request_id = context.new_request_id
+_request_id_for = propagation.request_id_for
+_perf_counter = time.perf_counter
+_thread_time = time.thread_time
+_new = object.__new__
+_NO_EXC_INFO: Any = object()  # start_response called without exc_info
 _request = server.current
 #: The incoming request being served in this context, or ``None``.
 current_request = _request.get
@@ -74,68 +82,189 @@ def handle(
     if cfg is None or "talisker.request" in environ:
         return app(environ, start_response)  # off, or an outer layer handles this request
     try:
-        keys = _keys if _keys.config is cfg else _Keys(cfg)
-        request, scope = _begin(environ, cfg, keys)
+        keys = _keys
+        if keys.config is not cfg:
+            keys = _Keys(cfg)
+        incoming_id = environ.get(keys.id_environ)
+        deadline_header = environ.get(keys.deadline_environ)
+        timeout_header = environ.get("HTTP_X_REQUEST_TIMEOUT")
+        priority_header = environ.get("HTTP_X_REQUEST_PRIORITY")
+        if (
+            deadline_header is None
+            and timeout_header is None
+            and priority_header is None
+            and keys.no_timeout
+        ):  # the common case, server.scope_for's first branch inline
+            request_id: str = _new_request_id()
+            if incoming_id is not None:
+                request_id = _request_id_for(incoming_id, request_id, keys.compose)
+            scope = Scope(request_id, None, None, None, False, None, None)
+        else:
+            scope = _scope_for(cfg, incoming_id, deadline_header, timeout_header, priority_header)
+            request_id = scope.request_id  # type: ignore[assignment]  # always set here
+        # An _Exchange without the cost of a Python __init__: every slot is set here
+        # (tests/test_wsgi.py checks that none is left out).
+        request = _new(_Exchange)
+        request.request_id = request_id
+        request.method = str(environ.get("REQUEST_METHOD", "GET"))
+        request.soft_timeout = keys.soft_timeout
+        request.view = None
+        request.status = None
+        request.error = None
+        request.complete = False
+        request.finished = False
+        request.kind = "wsgi"
+        request._environ = environ
+        request._start_response = start_response
+        request._view_of = view_of
+        request._keys = keys
+        request._body = None
+        request._scope_token = None
+        request._request_token = None
+        environ["talisker.request"] = request
+        environ["REQUEST_ID"] = request_id  # talisker's name for it
+        if _has_requests or _requests_installed():  # talisker's convention
+            try:
+                environ["requests"] = _thread.session
+            except AttributeError:  # the thread's first request
+                environ["requests"] = _thread.session = _get_session()
+        request.start = _perf_counter()
+        request.cpu = _thread_time()
     except Exception:
         _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
         return app(environ, start_response)
-    scope_token = _set_scope(scope)
-    request_token = _set_request(request)
-
-    def talisker_start_response(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
-        try:
-            request.status = int(status[:3])
-            has_id = False
-            sent_view = None
-            for name, value in headers:
-                lowered = name.lower()
-                if lowered == keys.id_lower:
-                    has_id = True
-                elif lowered == "x-view-name":
-                    sent_view = value
-            if not has_id:
-                headers.append((keys.id_header, request.request_id))
-            view = request.view or (view_of(environ) if view_of is not None else None)
-            if not view:
-                inner = environ.get("talisker.view_of")  # set by an integration inside us
-                view = (inner(environ) if inner is not None else None) or environ.get(
-                    "talisker.view"
-                )
-            if view:
-                request.view = str(view)
-                if sent_view is None:
-                    headers.append((VIEW_HEADER, request.view))
-            else:
-                request.view = sent_view
-        except Exception:
-            _log.log_once("wsgi-headers", "agent: adding response headers failed", exc_info=True)
-        return start_response(status, headers, *exc_info)
-
+    scope_token = request._scope_token = _set_scope(scope)
+    request_token = request._request_token = _set_request(request)
     try:
-        body = app(environ, talisker_start_response)
+        body = app(environ, request.start_response)
     except BaseException as exc:
         request.error = exc
+        request._environ = None
         _finish(request)
         _leave(scope_token, request_token)
         raise
     file_wrapper = environ.get("wsgi.file_wrapper")
-    if file_wrapper is not None and _is_file(body, file_wrapper):
-        # The server's own file wrapper: given back as it is, so the server still
-        # sends it with sendfile(); the request is recorded when the server closes it.
+    if file_wrapper is not None:
         try:
-            close = _FileClose(getattr(body, "close", None), request, scope_token, request_token)
-            setattr(body, "close", close)  # noqa: B010 - an attribute Iterable does not declare
-            return body
-        except Exception:  # a wrapper that takes no attribute: iterated through _Body
-            pass
-    return _Body(body, request, scope_token, request_token)
+            is_file = isinstance(body, file_wrapper)
+        except TypeError:  # not a class
+            is_file = False
+        if is_file:
+            # The server's own file wrapper: given back as it is, so the server still
+            # sends it with sendfile(); the request is recorded when the server closes it.
+            try:
+                close = _FileClose(
+                    getattr(body, "close", None), request, scope_token, request_token
+                )
+                setattr(body, "close", close)  # noqa: B010 - an attribute Iterable does not declare
+                request._scope_token = request._request_token = None
+                return body
+            except Exception:  # a wrapper that takes no attribute: iterated through the exchange
+                pass
+    request._body = body
+    return request
 
 
-def _is_file(body: object, file_wrapper: Any) -> bool:
-    try:
-        return isinstance(body, file_wrapper)
-    except TypeError:  # not a class
-        return False
+class _Exchange(Request):
+    """One request served: its record, the ``start_response`` the application is
+    given (a bound method) and the body given back to the server.
+
+    One object per request, not a record, a closure and a body wrapper. On
+    ``close()`` the request is recorded and its scope left.
+    """
+
+    __slots__ = (
+        "_body",
+        "_environ",
+        "_keys",
+        "_request_token",
+        "_scope_token",
+        "_start_response",
+        "_view_of",
+    )
+    _body: Iterable[bytes] | None
+    _environ: dict[str, Any] | None
+    _keys: _Keys
+    _request_token: Any
+    _scope_token: Any
+    _start_response: StartResponse
+    _view_of: Callable[[dict[str, Any]], str | None] | None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = _NO_EXC_INFO
+    ) -> Any:
+        """The application's ``start_response``: notes the status, adds the two headers."""
+        try:
+            try:
+                self.status = _status_codes[status]
+            except KeyError:
+                self.status = _status_code(status)
+            keys = self._keys
+            kinds = keys.header_kinds
+            has_id = False
+            sent_view = None
+            for name, value in headers:
+                try:
+                    kind = kinds[name]
+                except KeyError:
+                    kind = keys.header_kind(name)
+                if kind:
+                    if kind == _ID:
+                        has_id = True
+                    else:
+                        sent_view = value
+            if not has_id:
+                headers.append((keys.id_header, self.request_id))
+            view = self.view
+            if not view:
+                environ: Any = self._environ
+                view_of = self._view_of
+                if view_of is not None:
+                    view = view_of(environ)
+                if not view:
+                    inner = environ.get("talisker.view_of")  # set by an integration inside us
+                    view = (inner(environ) if inner is not None else None) or environ.get(
+                        "talisker.view"
+                    )
+            if view:
+                self.view = str(view)
+                if sent_view is None:
+                    headers.append((VIEW_HEADER, self.view))
+            else:
+                self.view = sent_view
+        except Exception:
+            _log.log_once("wsgi-headers", "agent: adding response headers failed", exc_info=True)
+        if exc_info is _NO_EXC_INFO:
+            return self._start_response(status, headers)
+        return self._start_response(status, headers, exc_info)
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._body  # type: ignore[misc]  # delegated in C: no per-chunk cost
+        except GeneratorExit:
+            raise  # the server stopped reading: the client went away (see _finish)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self.complete = True
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._environ = None  # it holds this exchange: no cycle left for the collector
+            _finish(self)
+            scope_token = self._scope_token
+            if scope_token is not None:  # a second close() changes nothing
+                self._scope_token = None
+                try:  # _leave(), inline
+                    _reset_request(self._request_token)
+                    _reset_scope(scope_token)
+                except (ValueError, RuntimeError):  # closed in another context than called in
+                    context._scope.set(context.EMPTY)
+                    _request.set(None)
 
 
 class _FileClose:
@@ -170,40 +299,6 @@ class _FileClose:
                 _leave(*tokens)
 
 
-class _Body:
-    """The response body; on ``close()`` the request is recorded and its scope left."""
-
-    __slots__ = ("_body", "_request", "_tokens")
-
-    def __init__(
-        self, body: Iterable[bytes], request: Request, scope_token: Any, request_token: Any
-    ) -> None:
-        self._body = body
-        self._request = request
-        self._tokens: tuple[Any, ...] | None = (scope_token, request_token)
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._body  # delegated in C: no per-chunk cost
-        except GeneratorExit:
-            raise  # the server stopped reading: the client went away (see _finish)
-        except BaseException as exc:
-            self._request.error = exc
-            raise
-        self._request.complete = True
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            _finish(self._request)
-            tokens, self._tokens = self._tokens, None  # a second close() changes nothing
-            if tokens is not None:
-                _leave(*tokens)
-
-
 def _leave(scope_token: Any, request_token: Any) -> None:
     try:
         _reset_request(request_token)
@@ -219,39 +314,62 @@ _set_request = _request.set
 _reset_request = _request.reset
 
 
+#: ``status line -> code``: parsing it costs more than the rest of ``start_response``.
+_status_codes: dict[str, int] = {}
+#: What :class:`_Keys` caches at most, of status lines and of header names.
+_CACHED = 256
+
+
+def _status_code(status: str) -> int:
+    code = int(status[:3])
+    if len(_status_codes) < _CACHED:
+        _status_codes[status] = code
+    return code
+
+
+_OTHER, _ID, _VIEW = 0, 1, 2  # what a response header is to the agent
+
+
 class _Keys:
     """What the hot path needs of a configuration, computed once per configuration."""
 
-    __slots__ = ("config", "deadline_environ", "id_environ", "id_header", "id_lower")
+    __slots__ = (
+        "compose",
+        "config",
+        "deadline_environ",
+        "header_kinds",
+        "id_environ",
+        "id_header",
+        "id_lower",
+        "no_timeout",
+        "soft_timeout",
+    )
 
     def __init__(self, cfg: config.Config | None) -> None:
         global _keys
         self.config = cfg
+        #: ``response header name -> _ID, _VIEW or _OTHER``, as the application spells it.
+        self.header_kinds: dict[str, int] = {}
         if cfg is not None:
             self.id_header = cfg.id_header
             self.id_lower = cfg.id_header.lower()
             self.id_environ = _environ_key(cfg.id_header)
             self.deadline_environ = _environ_key(cfg.deadline_header)
+            self.compose = cfg.compose_request_id
+            self.no_timeout = not cfg.request_timeout
+            self.soft_timeout = cfg.soft_request_timeout
             _keys = self
+
+    def header_kind(self, name: str) -> int:
+        """What the response header ``name`` is (case-insensitive); remembered."""
+        lowered = name.lower()
+        kind = _ID if lowered == self.id_lower else _VIEW if lowered == "x-view-name" else _OTHER
+        if len(self.header_kinds) < _CACHED:
+            self.header_kinds[name] = kind
+        return kind
 
 
 _keys = _Keys(None)
-
-
-def _begin(environ: dict[str, Any], cfg: config.Config, keys: _Keys) -> tuple[Request, Scope]:
-    request, scope = server.begin(
-        cfg,
-        str(environ.get("REQUEST_METHOD", "GET")),
-        environ.get(keys.id_environ),
-        environ.get(keys.deadline_environ),
-        environ.get("HTTP_X_REQUEST_TIMEOUT"),
-        environ.get("HTTP_X_REQUEST_PRIORITY"),
-    )
-    environ["talisker.request"] = request
-    environ["REQUEST_ID"] = request.request_id  # talisker's name for it
-    if _has_requests or _requests_installed():  # talisker's convention
-        environ["requests"] = _get_session()
-    return request, scope
 
 
 _has_requests: bool | None = None
@@ -275,6 +393,19 @@ def _requests_installed() -> bool:
 
 def _get_session() -> Any:  # replaced by agent.sessions.get_session once requests is found
     return None
+
+
+#: ``session``: what :func:`agent.sessions.get_session` gave this thread (it keeps one per
+#: thread, so asking it once per thread is enough); forgotten in a forked child, as it is.
+_thread = threading.local()
+
+
+def _forget_sessions_after_fork() -> None:
+    global _thread
+    _thread = threading.local()
+
+
+_fork.after_in_child(_fork.RESET, _forget_sessions_after_fork)
 
 
 def _environ_key(header: str) -> str:

@@ -18,6 +18,7 @@ import urllib3
 import agent
 from agent import context
 from agent.wsgi import TaliskerMiddleware, current_request, parse_deadline
+from tests.support.proc import run_python
 
 
 class _Quiet(WSGIRequestHandler):
@@ -85,6 +86,39 @@ def test_an_incoming_request_id_is_reused_and_returned(install_agent):
     assert app.seen["request_id"] == "abc-123"
     assert app.seen["environ_id"] == "abc-123"
     assert response.headers["X-Request-Id"] == "abc-123"
+
+
+def test_the_response_headers_the_app_sets_itself_are_kept_in_any_case(install_agent):
+    """Its own id and view header (any case, any configured name) are not added again."""
+
+    def respond(app_headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        def app(environ, start_response):
+            start_response("200 OK", list(app_headers))
+            return [b""]
+
+        given = []
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_X_REQUEST_ID": "in"}
+        TaliskerMiddleware(app)(environ, lambda status, headers: given.extend(headers)).close()
+        return given
+
+    install_agent()
+    for _ in range(2):  # the second time, the names are known
+        assert respond([("x-request-id", "own"), ("X-VIEW-NAME", "v")]) == [
+            ("x-request-id", "own"),
+            ("X-VIEW-NAME", "v"),
+        ]
+        assert respond([("Content-Type", "text/plain")]) == [
+            ("Content-Type", "text/plain"),
+            ("X-Request-Id", "in"),
+        ]
+    agent.uninstall()
+    install_agent(TALISKER_ID_HEADER="X-Trace-Id")
+    assert respond([("x-request-id", "own"), ("x-trace-id", "t")]) == [
+        ("x-request-id", "own"),
+        ("x-trace-id", "t"),
+    ]
+    (_, (name, new_id)) = respond([("Content-Type", "text/plain")])
+    assert name == "X-Trace-Id" and len(new_id) == 32  # the incoming id is in X-Trace-Id
 
 
 def test_without_an_incoming_id_a_new_one_is_made(install_agent):
@@ -244,6 +278,55 @@ def test_environ_requests_is_the_threads_session(install_agent):
     with serve(TaliskerMiddleware(app)) as url:
         requests.get(url)
     assert isinstance(app.seen["session"], requests.Session)
+
+
+def test_environ_requests_is_each_threads_own_session_and_a_forked_childs_own(install_agent):
+    """``environ["requests"]`` is what ``agent.get_session()`` gives the serving thread."""
+    install_agent()
+    seen = []
+
+    def app(environ, start_response):
+        seen.append((environ["requests"], agent.get_session()))
+        start_response("200 OK", [])
+        return [b""]
+
+    def serve_one():
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+        TaliskerMiddleware(app)(environ, lambda *a: None).close()
+
+    serve_one()
+    serve_one()
+    thread = threading.Thread(target=serve_one)
+    thread.start()
+    thread.join()
+    assert all(given is expected for given, expected in seen)
+    assert seen[0][0] is seen[1][0]
+    assert seen[2][0] is not seen[0][0]
+    code = """
+        import os, agent
+        from agent.wsgi import TaliskerMiddleware
+        seen = []
+
+        def app(environ, start_response):
+            seen.append((environ["requests"], agent.get_session()))
+            start_response("200 OK", [])
+            return [b""]
+
+        def serve_one():
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+            TaliskerMiddleware(app)(environ, lambda *a: None).close()
+
+        serve_one()
+        pid = os.fork()
+        if pid == 0:
+            serve_one()
+            (parent, _), (given, expected) = seen
+            os._exit(0 if given is expected and given is not parent else 3)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    """
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0"
 
 
 def test_an_exception_propagates_unchanged_and_the_app_runs_once(install_agent, statsd):
@@ -419,6 +502,20 @@ def test_flask_is_instrumented_without_code_changes(install_agent, statsd):
     assert statsd.total("talisker.wsgi.errors", view="fail", status="500") == 1
 
 
+def test_a_flask_request_no_route_matched_has_no_view(install_agent, statsd):
+    install_agent()
+    with serve(flask_app()) as url:
+        missing = requests.get(url + "/missing", headers={"X-Request-Id": "lost-1"})
+        wrong_method = requests.post(url + "/fail")
+    assert missing.status_code == 404
+    assert missing.headers["X-Request-Id"] == "lost-1"
+    assert "X-View-Name" not in missing.headers
+    assert wrong_method.status_code == 405
+    sent(statsd, at_least=2)
+    assert statsd.total("talisker.wsgi.requests", view="unknown", status="404") == 1
+    assert statsd.total("talisker.wsgi.requests", view="unknown", status="405") == 1
+
+
 def test_flask_wrapped_by_hand_is_counted_once(install_agent, statsd):
     install_agent()
     app = flask_app()
@@ -567,3 +664,54 @@ def test_a_far_future_incoming_deadline_behaves_as_none(install_agent, http_serv
             assert requests.get(url, headers=headers).status_code == 200
     assert outgoing == [None, None, None]
     assert all(r.header("X-Request-Deadline") is None for r in http_server.requests)
+
+
+def test_the_request_record_has_every_field_set(install_agent):
+    """The WSGI record is made without an __init__: no field of it may be left unset."""
+    install_agent()
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(current_request())
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/"}
+    body = TaliskerMiddleware(app)(environ, lambda *a: None)
+    (request,) = seen
+    slots = [name for cls in type(request).__mro__ for name in getattr(cls, "__slots__", ())]
+    assert "request_id" in slots and "start" in slots
+    for name in slots:
+        getattr(request, name)  # AttributeError if it was never set
+    assert list(body) == [b"ok"]
+    body.close()
+
+
+def test_start_response_passes_exc_info_on(install_agent, statsd):
+    """PEP 3333: an application may start again with exc_info before anything is sent."""
+    import sys
+
+    install_agent()
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            raise RuntimeError("late failure")
+        except RuntimeError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"failed"]
+
+    def strict(environ, start_response):
+        def checked(status, headers, *exc_info):
+            assert len(exc_info) == (1 if status.startswith("500") else 0)
+            return start_response(status, headers, *exc_info)
+
+        return TaliskerMiddleware(app)(environ, checked)
+
+    with serve(strict) as url:
+        response = requests.get(url, headers={"X-Request-Id": "again"})
+    assert response.status_code == 500
+    assert response.text == "failed"
+    assert response.headers["X-Request-Id"] == "again"
+    sent(statsd)
+    assert statsd.total("talisker.wsgi.errors", status="500") == 1

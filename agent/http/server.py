@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from agent.config import Config
 
-__all__ = ["CLIENT_CLOSED_REQUEST", "Request", "begin", "current", "finish"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "Request", "begin", "current", "finish", "scope_for"]
 
 #: The status recorded for a response whose client went away before it was sent.
 CLIENT_CLOSED_REQUEST = 499
@@ -73,9 +73,28 @@ def begin(
     priority_header: str | None = None,
 ) -> tuple[Request, Scope]:
     """The record and the scope of a request that came with these header values."""
+    scope = scope_for(cfg, incoming_id, deadline_header, timeout_header, priority_header)
+    return Request(scope.request_id, method, cfg.soft_request_timeout), scope  # type: ignore[arg-type]
+
+
+def scope_for(
+    cfg: Config,
+    incoming_id: str | None,
+    deadline_header: str | None,
+    timeout_header: str | None,
+    priority_header: str | None = None,
+) -> Scope:
+    """The scope of a request that came with these header values (see :func:`begin`)."""
     request_id = _new_request_id()
     if incoming_id is not None:
         request_id = _request_id_for(incoming_id, request_id, cfg.compose_request_id)
+    if (
+        deadline_header is None
+        and timeout_header is None
+        and priority_header is None
+        and not cfg.request_timeout
+    ):
+        return Scope(request_id, None, None, None, False, None, None)  # the common case
     deadline = None
     if deadline_header is not None or timeout_header is not None or cfg.request_timeout:
         deadline = _incoming_deadline(cfg, deadline_header, timeout_header)
@@ -84,8 +103,7 @@ def begin(
         priority = _parse_priority(priority_header)
         if priority is None:
             _log.debug("agent: ignoring an unusable %s header", propagation.PRIORITY_HEADER)
-    scope = Scope(request_id, deadline, None, None, False, priority, priority)
-    return Request(request_id, method, cfg.soft_request_timeout), scope
+    return Scope(request_id, deadline, None, None, False, priority, priority)
 
 
 _new_request_id = context.new_request_id

@@ -36,9 +36,13 @@ def wsgi_app_wrapper(
 
 def _endpoint(environ: dict[str, Any]) -> str | None:
     """The endpoint of the request Flask is serving (werkzeug keeps it in the environ)."""
-    request = environ.get("werkzeug.request")
-    rule = getattr(request, "url_rule", None)
-    endpoint = getattr(rule, "endpoint", None)
+    try:
+        rule = environ["werkzeug.request"].url_rule
+        if rule is None:
+            return None  # no rule matched: a 404 or a 405
+        endpoint = rule.endpoint
+    except (KeyError, AttributeError):  # not served by Flask's request context
+        return None
     return endpoint if isinstance(endpoint, str) else None
 
 
