@@ -292,8 +292,11 @@ class _FileClose:
             if self._close is not None:
                 self._close()
         finally:
-            self._request.complete = True
-            _finish(self._request)
+            request = self._request
+            if isinstance(request, _Exchange):
+                request._environ = None  # it holds the exchange: no cycle left for the collector
+            request.complete = True
+            _finish(request)
             tokens, self._tokens = self._tokens, None
             if tokens is not None:
                 _leave(*tokens)
