@@ -121,6 +121,8 @@ def handle(
         request._body = None
         request._scope_token = None
         request._request_token = None
+        request.start = _perf_counter()  # where Request.__init__ reads them, as before
+        request.cpu = _thread_time()
         environ["talisker.request"] = request
         environ["REQUEST_ID"] = request_id  # talisker's name for it
         if _has_requests or _requests_installed():  # talisker's convention
@@ -128,8 +130,6 @@ def handle(
                 environ["requests"] = _thread.session
             except AttributeError:  # the thread's first request
                 environ["requests"] = _thread.session = _get_session()
-        request.start = _perf_counter()
-        request.cpu = _thread_time()
     except Exception:
         _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
         return app(environ, start_response)
