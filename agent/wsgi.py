@@ -121,6 +121,8 @@ def handle(
         request._body = None
         request._scope_token = None
         request._request_token = None
+        request.start = _perf_counter()  # where Request.__init__ reads them, as before
+        request.cpu = _thread_time()
         environ["talisker.request"] = request
         environ["REQUEST_ID"] = request_id  # talisker's name for it
         if _has_requests or _requests_installed():  # talisker's convention
@@ -128,8 +130,6 @@ def handle(
                 environ["requests"] = _thread.session
             except AttributeError:  # the thread's first request
                 environ["requests"] = _thread.session = _get_session()
-        request.start = _perf_counter()
-        request.cpu = _thread_time()
     except Exception:
         _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
         return app(environ, start_response)
@@ -292,8 +292,11 @@ class _FileClose:
             if self._close is not None:
                 self._close()
         finally:
-            self._request.complete = True
-            _finish(self._request)
+            request = self._request
+            if isinstance(request, _Exchange):
+                request._environ = None  # it holds the exchange: no cycle left for the collector
+            request.complete = True
+            _finish(request)
             tokens, self._tokens = self._tokens, None
             if tokens is not None:
                 _leave(*tokens)
