@@ -130,7 +130,10 @@ class Sender:
             for i in range(0, len(samples), SAMPLES_PER_LINE):
                 chunk = samples[i : i + SAMPLES_PER_LINE]
                 try:
-                    text = ":".join(["%.3f" % v for v in chunk])  # noqa: UP031 - fastest
+                    # One format of the whole line: a "%.3f" per sample joined costs
+                    # half as much again (one format call and string per sample).
+                    fmt = _FORMATS.get(len(chunk)) or _line_format(len(chunk))
+                    text = fmt % tuple(chunk)
                     if "n" in text:  # nan or inf: no digit, "-", "." or ":" has an n
                         raise ValueError
                 except Exception:
@@ -381,6 +384,15 @@ def _describe(exc: OSError) -> str:
     if exc.errno is not None:
         return f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
     return type(exc).__name__
+
+
+#: "%.3f:%.3f:...", by the number of samples in a line.
+_FORMATS: dict[int, str] = {}
+
+
+def _line_format(samples: int) -> str:
+    fmt = _FORMATS[samples] = ":".join(["%.3f"] * samples)
+    return fmt
 
 
 def _number(value: float) -> str:
