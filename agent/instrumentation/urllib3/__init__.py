@@ -45,9 +45,6 @@ _monotonic = context._monotonic
 _getdefaulttimeout = socket.getdefaulttimeout
 _attempt_headers = propagation.attempt_headers
 _client_begin = client.begin
-_seconds_left = propagation.seconds_left
-_TIMEOUT_HEADER = propagation.TIMEOUT_HEADER
-_PRIORITY_HEADER = propagation.PRIORITY_HEADER
 _record = client.record
 _finish = client.finish
 _PREPARE_FAILED = "agent: preparing a urllib3 request failed"
@@ -105,32 +102,15 @@ def urlopen_wrapper(
             deadline = call.deadline
             if call.peer is None:
                 call.peer = _cached_peer((pool.host, pool.port)) or _pool_peer(pool)
-            if deadline is None:
-                call.attempts = 1
-                try:
-                    kwargs["headers"] = _attempt_headers(None, call, cfg)
-                except Exception:
-                    _log.log_once(
-                        "urllib3-attempt",
-                        "agent: preparing a urllib3 request failed",
-                        exc_info=True,
-                    )
-                response = wrapped(*args, **kwargs)
-            else:
+            left = None
+            if deadline is not None:
                 left = deadline.expires - _monotonic()
                 if left <= 0:
                     _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
-                call.attempts = 1
-                try:
-                    headers = {cfg.id_header: call.request_id}
-                    mode = cfg.deadline_headers
-                    if mode != "relative":
-                        headers[cfg.deadline_header] = deadline._header or deadline.header()
-                    if mode != "absolute":
-                        headers[_TIMEOUT_HEADER] = call.timeout_sent = _seconds_left(deadline, left)
-                    if call.priority is not None:
-                        headers[_PRIORITY_HEADER] = call.priority
-                    kwargs["headers"] = headers
+            call.attempts = 1
+            try:
+                kwargs["headers"] = _attempt_headers(None, call, cfg, None, left)
+                if left is not None:
                     timeout = pool.timeout
                     if (
                         type(timeout) is Timeout
@@ -147,13 +127,9 @@ def urlopen_wrapper(
                         cut = _cut_timeout(_NOT_GIVEN, pool, left, call)
                         if cut is not _NOT_GIVEN:
                             kwargs["timeout"] = cut
-                except Exception:
-                    _log.log_once(
-                        "urllib3-attempt",
-                        "agent: preparing a urllib3 request failed",
-                        exc_info=True,
-                    )
-                response = wrapped(*args, **kwargs)
+            except Exception:
+                _log.log_once("urllib3-attempt", _PREPARE_FAILED, exc_info=True)
+            response = wrapped(*args, **kwargs)
         else:
             response = _attempt(wrapped, pool, args, kwargs, cfg, call)
     except Exception as exc:
