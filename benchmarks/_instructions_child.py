@@ -16,12 +16,42 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 #: Long enough never to expire under callgrind (about 50x slower than native).
 DEADLINE = 3600
 #: Modes whose instrumentation is another agent, started by its own sitecustomize.
 PEERS = ("ddtrace", "otel")
-MODES = ("raw", "hand", "agent", *PEERS)
+MODES = ("raw", "hand", "wrapt", "agent", *PEERS)
+#: What the agent patches on each path (``agent/instrumentation``): in ``wrapt`` mode each
+#: gets a wrapt wrapper that only calls through, and the by-hand row runs under them.
+WRAPT_TARGETS = {
+    "urllib3": (
+        ("urllib3.connectionpool", "HTTPConnectionPool.urlopen"),
+        ("urllib3.poolmanager", "PoolManager.urlopen"),
+        ("urllib3.util.retry", "Retry.sleep"),
+    ),
+    "wsgi": (("flask.app", "Flask.wsgi_app"),),
+}
+WRAPT_TARGETS["requests"] = (
+    *WRAPT_TARGETS["urllib3"],
+    ("requests.sessions", "Session.send"),
+    ("requests.sessions", "Session.request"),
+)
+
+
+def _call_through(
+    wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    return wrapped(*args, **kwargs)
+
+
+def wrap_through(path: str) -> None:
+    """``wrapt`` mode: the agent's patches, as wrapt wrappers that do nothing else."""
+    import wrapt
+
+    for module, name in WRAPT_TARGETS[path]:
+        wrapt.wrap_function_wrapper(module, name, _call_through)
 
 
 class _NoScope:
@@ -63,7 +93,7 @@ def instrumented(mode: str, owner: object, attr: str) -> bool:
 
 
 def check_instrumented(mode: str, owner: object, attr: str) -> None:
-    if mode in (*PEERS, "agent") and not instrumented(mode, owner, attr):
+    if mode in (*PEERS, "agent", "wrapt") and not instrumented(mode, owner, attr):
         raise SystemExit(f"{owner!r}.{attr} is not instrumented: {mode} is not in place")
     if mode in ("raw", "hand") and hasattr(vars(owner).get(attr), "__wrapped__"):
         raise SystemExit(f"{owner!r}.{attr} is wrapped in {mode} mode")
@@ -74,7 +104,7 @@ def run_urllib3(mode: str, n: int) -> float:
 
     check_instrumented(mode, urllib3.connectionpool.HTTPConnectionPool, "urlopen")
     pool = urllib3.HTTPConnectionPool("127.0.0.1", int(os.environ["BENCH_HTTP_PORT"]), maxsize=1)
-    if mode == "hand":
+    if mode in ("hand", "wrapt"):
         import byhand
 
         request, get = hand_request(), byhand.urllib3_get
@@ -95,7 +125,7 @@ def run_requests(mode: str, n: int) -> float:
     check_instrumented(mode, requests.sessions.Session, "send")
     session = requests.Session()
     url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
-    if mode == "hand":
+    if mode in ("hand", "wrapt"):
         import byhand
 
         request, get = hand_request(), byhand.requests_get
@@ -193,7 +223,7 @@ def run_wsgi(mode: str, n: int) -> float:
     def index() -> str:
         return "ok"
 
-    if mode == "hand":
+    if mode in ("hand", "wrapt"):
         import byhand
 
         byhand.wsgi_middleware(app)
@@ -293,6 +323,10 @@ def main() -> None:
         if not where.startswith(root + os.sep):
             raise SystemExit(f"agent imported from {where}, not from {root}")
         report["agent_file"] = where
+    elif mode == "wrapt":
+        if path not in WRAPT_TARGETS:
+            raise SystemExit(f"no wrapt mode for {path}: the agent patches none of its calls")
+        wrap_through(path)
     elif mode not in MODES:
         raise SystemExit(f"unknown mode {mode!r}")
     report["seconds"] = PATHS[path](mode, n)

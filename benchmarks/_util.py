@@ -314,8 +314,16 @@ TARGETS: dict[str, tuple[str, float, float]] = {
     "psycopg2-transaction": ("wall", 1.03, 1 / 8),
     "wsgi": ("instructions", 1.03, 1 / 8),
 }
-MODES = ("raw", "hand", "agent", *PEERS)
-LABELS = {"raw": "raw", "hand": "by hand", "agent": "agent", **PEER_NAMES}
+MODES = ("raw", "hand", "wrapt", "agent", *PEERS)
+#: ``wrapt``: the by-hand row under wrapt wrappers that only call through, on what the
+#: agent patches (instructions only): the floor of any agent that patches with wrapt.
+LABELS = {
+    "raw": "raw",
+    "hand": "by hand",
+    "wrapt": "by hand + wrapt",
+    "agent": "agent",
+    **PEER_NAMES,
+}
 
 
 def share_text(share: float | None, target: float | None = None) -> str:
@@ -414,7 +422,7 @@ def instructions_mode(paths: tuple[str, ...], opts: Any) -> None:
     """instructions.py's counts for ``paths`` in every mode, and their table."""
     import instructions
 
-    modes = ["raw", "hand", "agent", *available_peers(opts.no_peers)]
+    modes = ["raw", "hand", "wrapt", "agent", *available_peers(opts.no_peers)]
     figures = instructions.measure(
         paths=list(paths), modes=modes, small=opts.small, big=opts.big, layouts=opts.layouts
     )

@@ -86,7 +86,7 @@ def measure(opts: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print("(valgrind not found: the instruction counts are skipped)")
     elif "instructions" in opts.parts:
         out = workdir / "instructions.json"
-        modes = ",".join(["raw", "hand", "agent", *available_peers()])
+        modes = ",".join(["raw", "hand", "wrapt", "agent", *available_peers()])
         quick = QUICK_INSTRUCTIONS if opts.quick else []
         if run("instructions.py", "--modes", modes, *quick, "--json", str(out)):
             figures["instructions"] = json.loads(out.read_text())
