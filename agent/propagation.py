@@ -169,7 +169,7 @@ def attempt_headers(
         if deadline is not None:
             mode = cfg.deadline_headers
             if mode != "relative":
-                new[cfg.deadline_header] = deadline.header()
+                new[cfg.deadline_header] = deadline._header or deadline.header()
             if mode != "absolute":
                 new[TIMEOUT_HEADER] = call.timeout_sent = seconds_left(deadline, left)
         if priority is not None:
@@ -195,7 +195,7 @@ def attempt_headers(
     if deadline is not None:
         mode = cfg.deadline_headers
         if mode != "relative" and cfg.deadline_header.lower() not in present:
-            new[cfg.deadline_header] = deadline.header()
+            new[cfg.deadline_header] = deadline._header or deadline.header()
         if mode != "absolute":
             if _TIMEOUT_LOWER not in present:
                 new[TIMEOUT_HEADER] = call.timeout_sent = seconds_left(deadline, left)

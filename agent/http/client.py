@@ -43,25 +43,21 @@ _COUNT, _TIMING = metrics.COUNT, metrics.TIMING
 
 
 class Call:
-    """One logical outgoing request and what its attempts learned."""
+    """One logical outgoing request and what its attempts learned.
 
-    __slots__ = (
-        "attempts",
-        "backoff_ms",
-        "breaker",
-        "budget",
-        "deadline",
-        "deadline_bound",
-        "method",
-        "next_reason",
-        "peer",
-        "priority",
-        "reasons",
-        "request_id",
-        "start",
-        "timeout_sent",
-        "view",
-    )
+    Not slotted: the fields most calls never change are class-level defaults, so
+    making a call stores seven attributes, not fifteen (measured on Python 3.13:
+    2.4k instructions against 4.0k for the slotted class).
+    """
+
+    timeout_sent: str | None = None  # the X-Request-Timeout of the last attempt
+    attempts = 0
+    reasons: list[str] | None = None  # why each extra attempt was made
+    next_reason: str | None = None  # the next attempt's, when its layer knows it
+    backoff_ms = 0.0  # time slept between attempts
+    budget: Any = None  # the retry budget of its peer, under a retry policy
+    breaker: Any = None  # the circuit breaker of its peer, if it has one
+    deadline_bound = False  # an attempt's timeout was cut to the deadline
 
     def __init__(
         self,
@@ -78,14 +74,6 @@ class Call:
         self.view = view  # per-call name (metric_names / metric_api_name)
         self.peer = peer  # per-call name, else set by the first attempt
         self.priority = priority  # sent as X-Request-Priority
-        self.timeout_sent: str | None = None  # the X-Request-Timeout of the last attempt
-        self.attempts = 0
-        self.reasons: list[str] | None = None  # why each extra attempt was made
-        self.next_reason: str | None = None  # the next attempt's, when its layer knows it
-        self.backoff_ms = 0.0  # time slept between attempts
-        self.budget: Any = None  # the retry budget of its peer, under a retry policy
-        self.breaker: Any = None  # the circuit breaker of its peer, if it has one
-        self.deadline_bound = False  # an attempt's timeout was cut to the deadline
         self.start = _perf_counter()
 
 
@@ -109,11 +97,24 @@ def begin(method: str) -> Call | None:
     return Call(
         scope.request_id or _new_request_id(),
         scope.deadline,
-        method.upper(),
+        _METHODS.get(method) or _method(method),
         scope.view,
         scope.peer,
         scope.priority,
     )
+
+
+#: ``method as given -> upper case``, the same string object each time: no new string per
+#: call, and the metrics thread's keys hash and compare by identity.
+_METHODS: dict[str, str] = {}
+
+
+def _method(method: str) -> str:
+    upper = method.upper()
+    upper = _METHODS.get(upper, upper)
+    if len(_METHODS) < 64:  # a bounded cache: methods are few, but a caller may make up any
+        _METHODS[method] = _METHODS[upper] = upper
+    return upper
 
 
 def peer_from_url(url: Any) -> str | None:
