@@ -155,6 +155,22 @@ def test_the_circuit_opens_at_the_threshold_and_calls_then_fail_before_connectin
     assert warnings == [f"agent: the circuit to {http_server.netloc} is open (was closed)"]
 
 
+def test_a_new_configuration_rules_the_breakers_it_no_longer_names_or_changes(
+    install_agent, http_server
+):
+    install_agent(TALISKER_CIRCUIT_BREAKER=f"{http_server.netloc}=0.5/2/30/10")
+    for _ in range(2):
+        requests.get(http_server.url + "/status/503")
+    assert breaker_of(http_server.netloc).state == 2  # open
+    install_agent()  # no breaker any more: calls go through
+    assert requests.get(http_server.url + "/ok").status_code == 200
+    install_agent(TALISKER_CIRCUIT_BREAKER=f"{http_server.netloc}=0.5/4/30/10")
+    assert requests.get(http_server.url + "/ok").status_code == 200  # a fresh circuit
+    assert breaker_of(http_server.netloc).minimum == 4
+    assert breaker_of(http_server.netloc).state == 0
+    assert len(http_server.requests) == 4
+
+
 def test_4xx_are_successes_and_below_the_minimum_nothing_opens(install_agent, http_server):
     install_agent(TALISKER_CIRCUIT_BREAKER="*=0.5/4/30/10")
     for path in ("/status/404", "/status/429", "/status/400", "/status/502"):

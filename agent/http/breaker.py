@@ -64,12 +64,14 @@ class Breaker:
         "minimum",
         "peer",
         "sampling_s",
+        "settings",
         "state",
         "threshold",
     )
 
     def __init__(self, peer: str, settings: tuple[float, int, float, float] = DEFAULTS) -> None:
         self.peer = peer
+        self.settings = settings
         self.threshold, self.minimum, self.break_s, self.sampling_s = settings
         self.state = CLOSED
         self.blocked_until = 0.0
@@ -151,12 +153,19 @@ _breakers_lock = allocate_lock()
 
 
 def breaker_for(config: Mapping[str, tuple[float, int, float, float]], peer: str) -> Breaker | None:
-    """The breaker of ``peer`` if ``TALISKER_CIRCUIT_BREAKER`` names it (or ``*``)."""
-    found = _breakers.get(peer)
-    if found is not None:
-        return found
+    """The breaker of ``peer`` if ``TALISKER_CIRCUIT_BREAKER`` names it (or ``*``).
+
+    One per peer and settings: a configuration that no longer names the peer has
+    no breaker for it, and one that changes its settings starts it afresh.
+    """
     settings = config.get(peer) or config.get("*")
     if settings is None:
         return None
+    found = _breakers.get(peer)
+    if found is not None and found.settings == settings:
+        return found
     with _breakers_lock:
-        return _breakers.setdefault(peer, Breaker(peer, settings))
+        found = _breakers.get(peer)
+        if found is None or found.settings != settings:
+            found = _breakers[peer] = Breaker(peer, settings)
+        return found
