@@ -238,14 +238,14 @@ def summarise(path: str, mode: str, samples: list[dict[str, float]], idle: float
         # The time-driven work runs on the metrics thread: its share is never more than
         # that thread's count (an idle rate measured on a host busier than the run's is).
         share = rate * sample["seconds"]
-        if share > sample["other"]:
+        if share > 0 and share > sample["other"]:
             print(
                 f"warning: {path} {mode}: the idle rate ({rate:,.0f}/s) gives more time-driven "
                 f"work than the metrics thread did ({share:,.0f} > {sample['other']:,.0f}); "
                 "taken as that thread's count: measure again on a quieter host",
                 file=sys.stderr,
             )
-            share = sample["other"]
+            share = max(sample["other"], 0.0)
         sample["untimed"] = sample["total"] - share
     layouts = sorted({int(s["layout"]) for s in samples})
 
