@@ -775,3 +775,43 @@ def test_start_response_passes_exc_info_on(install_agent, statsd):
     assert response.headers["X-Request-Id"] == "again"
     sent(statsd)
     assert statsd.total("talisker.wsgi.errors", status="500") == 1
+
+
+def test_the_requests_of_a_flush_are_grouped_by_view_method_and_status_in_any_order():
+    """Interleaved groups, equal but not identical strings: each request in its own group."""
+    from agent import metrics
+    from agent.http import server
+
+    get = "".join(["G", "ET"])  # equal to "GET", another object (as each request's is)
+    payloads = [
+        ("a", "GET", 200, 1.0, 0.1, False),
+        ("a", get, 200, 2.0, 0.2, False),
+        ("b", "GET", 500, 3.0, 0.3, True),
+        ("a", "GET", 200, 4.0, 0.4, False),
+        ("a", "POST", 200, 5.0, 0.5, False),
+        ("b", get, 500, 6.0, 0.6, True),
+        ("a", "GET", 404, 7.0, 0.7, False),
+    ]
+    records = server.expand_requests(payloads)
+
+    def tags(view, method, status):
+        return (("view", view), ("method", method), ("status", status))
+
+    a, b = tags("a", "GET", 200), tags("b", "GET", 500)
+    post, missing = tags("a", "POST", 200), tags("a", "GET", 404)
+    assert records == [
+        (metrics.COUNT, "wsgi.requests", 3, a),
+        (metrics.TIMING, "wsgi.latency", [1.0, 2.0, 4.0], a),
+        (metrics.TIMING, "wsgi.cpu", [0.1, 0.2, 0.4], a),
+        (metrics.COUNT, "wsgi.requests", 2, b),
+        (metrics.TIMING, "wsgi.latency", [3.0, 6.0], b),
+        (metrics.TIMING, "wsgi.cpu", [0.3, 0.6], b),
+        (metrics.COUNT, "wsgi.errors", 2, b),
+        (metrics.COUNT, "wsgi.requests", 1, post),
+        (metrics.TIMING, "wsgi.latency", [5.0], post),
+        (metrics.TIMING, "wsgi.cpu", [0.5], post),
+        (metrics.COUNT, "wsgi.requests", 1, missing),
+        (metrics.TIMING, "wsgi.latency", [7.0], missing),
+        (metrics.TIMING, "wsgi.cpu", [0.7], missing),
+    ]
+    assert not any(name.endswith(".cpu") for _, name, _, _ in server.expand_asgi_requests(payloads))

@@ -177,15 +177,24 @@ def _expand(
     payloads: list[tuple[Any, ...]], family: str, with_cpu: bool
 ) -> list[tuple[int, str, Any, Any]]:
     groups: dict[tuple[Any, ...], tuple[list[float], list[float], list[int]]] = {}
+    # Consecutive requests mostly share their view, method and status: the group of
+    # the one before is reused without hashing a key (a new method string each time).
+    last_view = last_method = last_status = None
+    latencies: list[float] = []
+    cpus: list[float] = []
+    errors: list[int] = []
     for view, method, status, latency_ms, cpu_ms, error in payloads:
-        key = (view, method, status)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = ([], [], [0])
-        group[0].append(latency_ms)
-        group[1].append(cpu_ms)
+        if status != last_status or view != last_view or method != last_method:
+            key = (view, method, status)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ([], [], [0])
+            latencies, cpus, errors = group
+            last_view, last_method, last_status = key
+        latencies.append(latency_ms)
+        cpus.append(cpu_ms)
         if error:
-            group[2][0] += 1
+            errors[0] += 1
     records: list[tuple[int, str, Any, Any]] = []
     for (view, method, status), (latencies, cpus, errors) in groups.items():
         tags = (("view", view), ("method", method), ("status", status))
