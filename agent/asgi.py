@@ -70,8 +70,7 @@ class TaliskerMiddleware:
             if kind == "http.response.body" and not message.get("more_body", False):
                 request.complete = True
 
-        scope_token = context._scope.set(request_scope)
-        request_token = server.current.set(request)
+        scope_token = context._scope.set(request_scope)  # it carries the request (current_request)
         try:
             await self.app(scope, receive, talisker_send)
         except BaseException as exc:
@@ -85,10 +84,8 @@ class TaliskerMiddleware:
         finally:
             server.finish(request)
             try:
-                server.current.reset(request_token)
                 context._scope.reset(scope_token)
             except ValueError:  # left from another context than it was entered in
-                server.current.set(None)
                 context._scope.set(context.EMPTY)
 
 

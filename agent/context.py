@@ -117,6 +117,7 @@ class Scope:
         "incoming_priority",
         "peer",
         "priority",
+        "request",
         "request_id",
         "suppressed",
         "view",
@@ -131,6 +132,7 @@ class Scope:
         suppressed: bool = False,
         priority: str | None = None,
         incoming_priority: str | None = None,
+        request: Any = None,
     ) -> None:
         self.request_id = request_id
         self.deadline = deadline
@@ -139,6 +141,9 @@ class Scope:
         self.suppressed = suppressed  # inside agent.suppress(): calls are not instrumented
         self.priority = priority  # "high", "normal" or "low", sent on outgoing calls
         self.incoming_priority = incoming_priority  # the request's own: what rules `priority()`
+        #: The incoming request being served (an ``agent.http.server.Request``), set by the
+        #: server integration that built the request's scope; every scope pushed inside keeps it.
+        self.request = request
         self._token: Token[Scope] | None = None  # set by the context manager that pushed it
 
     def replace(self, **changes: Any) -> Scope:
@@ -151,6 +156,7 @@ class Scope:
             self.suppressed,
             self.priority,
             self.incoming_priority,
+            self.request,
         )
         for name, value in changes.items():
             setattr(scope, name, value)
@@ -332,6 +338,7 @@ class request_context(_ScopeChange):
             suppressed=scope.suppressed,
             priority=scope.priority,
             incoming_priority=scope.incoming_priority,
+            request=scope.request,
         )
 
 

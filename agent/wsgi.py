@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     F = TypeVar("F", bound=Callable[..., Any])
     StartResponse = Callable[..., Any]
     WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+    #: wrapt's wrapper signature: ``(wrapped, instance, args, kwargs)``.
+    AppWrapper = Callable[
+        [Callable[..., Iterable[bytes]], Any, tuple[Any, ...], dict[str, Any]], Iterable[bytes]
+    ]
 
 __all__ = ["TaliskerMiddleware", "current_request", "parse_deadline", "request_timeout"]
 
@@ -50,10 +54,11 @@ _request_id_for = propagation.request_id_for
 _perf_counter = time.perf_counter
 _thread_time = time.thread_time
 _new = object.__new__
+_current_scope = context.current
 _NO_EXC_INFO: Any = object()  # start_response called without exc_info
-_request = server.current
-#: The incoming request being served in this context, or ``None``.
-current_request = _request.get
+#: The incoming request being served in this context, or ``None`` (the request
+#: scope carries it: see :func:`agent.http.server.current_request`).
+current_request = server.current_request
 
 
 class TaliskerMiddleware:
@@ -68,101 +73,127 @@ class TaliskerMiddleware:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        return handle(self.app, environ, start_response)
+        return _serve(self.app, None, (environ, start_response), _NO_KWARGS)
 
 
-def handle(
-    app: Callable[..., Iterable[bytes]],
-    environ: dict[str, Any],
-    start_response: StartResponse,
+def app_wrapper(
     view_of: Callable[[dict[str, Any]], str | None] | None = None,
-) -> Iterable[bytes]:
-    """Serve one request through ``app`` inside a request scope (shared by the integrations)."""
-    cfg = config.current
-    if cfg is None or "talisker.request" in environ:
-        return app(environ, start_response)  # off, or an outer layer handles this request
-    try:
-        keys = _keys
-        if keys.config is not cfg:
-            keys = _Keys(cfg)
-        incoming_id = environ.get(keys.id_environ)
-        deadline_header = environ.get(keys.deadline_environ)
-        timeout_header = environ.get("HTTP_X_REQUEST_TIMEOUT")
-        priority_header = environ.get("HTTP_X_REQUEST_PRIORITY")
-        if (
-            deadline_header is None
-            and timeout_header is None
-            and priority_header is None
-            and keys.no_timeout
-        ):  # the common case, server.scope_for's first branch inline
-            request_id: str = _new_request_id()
-            if incoming_id is not None:
-                request_id = _request_id_for(incoming_id, request_id, keys.compose)
-            scope = Scope(request_id, None, None, None, False, None, None)
-        else:
-            scope = _scope_for(cfg, incoming_id, deadline_header, timeout_header, priority_header)
-            request_id = scope.request_id  # type: ignore[assignment]  # always set here
-        # An _Exchange without the cost of a Python __init__: every slot is set here
-        # (tests/test_wsgi.py checks that none is left out).
-        request = _new(_Exchange)
-        request.request_id = request_id
-        request.method = str(environ.get("REQUEST_METHOD", "GET"))
-        request.soft_timeout = keys.soft_timeout
-        request.view = None
-        request.status = None
-        request.error = None
-        request.complete = False
-        request.finished = False
-        request.kind = "wsgi"
-        request._environ = environ
-        request._start_response = start_response
-        request._view_of = view_of
-        request._keys = keys
-        request._body = None
-        request._scope_token = None
-        request._request_token = None
-        request.start = _perf_counter()  # where Request.__init__ reads them, as before
-        request.cpu = _thread_time()
-        environ["talisker.request"] = request
-        environ["REQUEST_ID"] = request_id  # talisker's name for it
-        if _has_requests or _requests_installed():  # talisker's convention
-            try:
-                environ["requests"] = _thread.session
-            except AttributeError:  # the thread's first request
-                environ["requests"] = _thread.session = _get_session()
-    except Exception:
-        _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
-        return app(environ, start_response)
-    scope_token = request._scope_token = _set_scope(scope)
-    request_token = request._request_token = _set_request(request)
-    try:
-        body = app(environ, request.start_response)
-    except BaseException as exc:
-        request.error = exc
-        request._environ = None
-        _finish(request)
-        _leave(scope_token, request_token)
-        raise
-    file_wrapper = environ.get("wsgi.file_wrapper")
-    if file_wrapper is not None:
+) -> AppWrapper:
+    """A wrapt wrapper ``(wrapped, instance, args, kwargs)`` of a WSGI application callable.
+
+    Each call ``wrapped(environ, start_response)`` is served inside a request scope;
+    ``view_of(environ)``, when given, names the view once the application starts its
+    response. An outer layer that already handles the request (``TaliskerMiddleware``
+    around an instrumented Flask application) is left to it, and told of ``view_of``.
+    One function per integration, so that its wrapt wrapper is the request's one
+    frame of the agent until the response is started (shared by the integrations).
+    """
+
+    def wrapper(
+        wrapped: Callable[..., Iterable[bytes]],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Iterable[bytes]:
+        cfg = config.current
+        if cfg is None or len(args) != 2 or kwargs:
+            return wrapped(*args, **kwargs)  # off, or not a WSGI call
+        environ, start_response = args
+        if "talisker.request" in environ:  # an outer layer handles this request
+            outer = environ["talisker.request"]
+            if view_of is not None and outer is not None and outer.view is None:
+                environ.setdefault("talisker.view_of", view_of)  # let it name the view
+            return wrapped(environ, start_response)
         try:
-            is_file = isinstance(body, file_wrapper)
-        except TypeError:  # not a class
-            is_file = False
-        if is_file:
-            # The server's own file wrapper: given back as it is, so the server still
-            # sends it with sendfile(); the request is recorded when the server closes it.
-            try:
-                close = _FileClose(
-                    getattr(body, "close", None), request, scope_token, request_token
+            keys = _keys
+            if keys.config is not cfg:
+                keys = _Keys(cfg)
+            incoming_id = environ.get(keys.id_environ)
+            deadline_header = environ.get(keys.deadline_environ)
+            timeout_header = environ.get("HTTP_X_REQUEST_TIMEOUT")
+            priority_header = environ.get("HTTP_X_REQUEST_PRIORITY")
+            # An _Exchange without the cost of a Python __init__: every slot is set here
+            # (tests/test_wsgi.py checks that none is left out).
+            request = _new(_Exchange)
+            if (
+                deadline_header is None
+                and timeout_header is None
+                and priority_header is None
+                and keys.no_timeout
+            ):  # the common case, server.scope_for's first branch inline
+                request_id: str = _new_request_id()
+                if incoming_id is not None:
+                    request_id = _request_id_for(incoming_id, request_id, keys.compose)
+                scope = Scope(request_id, None, None, None, False, None, None, request)
+            else:
+                scope = _scope_for(
+                    cfg, incoming_id, deadline_header, timeout_header, priority_header
                 )
-                setattr(body, "close", close)  # noqa: B010 - an attribute Iterable does not declare
-                request._scope_token = request._request_token = None
-                return body
-            except Exception:  # a wrapper that takes no attribute: iterated through the exchange
-                pass
-    request._body = body
-    return request
+                scope.request = request
+                request_id = scope.request_id  # type: ignore[assignment]  # always set here
+            request.request_id = request_id
+            request.method = str(environ.get("REQUEST_METHOD", "GET"))
+            request.soft_timeout = keys.soft_timeout
+            request.view = None
+            request.status = None
+            request.error = None
+            request.complete = False
+            request.finished = False
+            request.kind = "wsgi"
+            request._environ = environ
+            request._start_response = start_response
+            request._view_of = view_of
+            request._keys = keys
+            request._body = None
+            request._scope_token = None
+            request.start = _perf_counter()  # where Request.__init__ reads them, as before
+            request.cpu = _thread_time()
+            environ["talisker.request"] = request
+            environ["REQUEST_ID"] = request_id  # talisker's name for it
+            if _has_requests or _requests_installed():  # talisker's convention
+                try:
+                    environ["requests"] = _thread.session
+                except AttributeError:  # the thread's first request
+                    environ["requests"] = _thread.session = _get_session()
+        except Exception:
+            _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
+            return wrapped(environ, start_response)
+        scope_token = request._scope_token = _set_scope(scope)  # the scope carries the request
+        try:
+            body = wrapped(environ, request.start_response)
+        except BaseException as exc:
+            request.error = exc
+            request._environ = None
+            _finish(request)
+            _leave(scope_token)
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if file_wrapper is not None:
+            try:
+                is_file = isinstance(body, file_wrapper)
+            except TypeError:  # not a class
+                is_file = False
+            if is_file:
+                # The server's own file wrapper: given back as it is, so the server still
+                # sends it with sendfile(); the request is recorded when the server closes it.
+                try:
+                    close = _FileClose(getattr(body, "close", None), request, scope_token)
+                    setattr(body, "close", close)  # noqa: B010 - an attribute Iterable does not declare
+                    request._scope_token = None
+                    return body
+                except (
+                    Exception
+                ):  # a wrapper that takes no attribute: iterated through the exchange
+                    pass
+        request._body = body
+        return request
+
+    return wrapper
+
+
+_NO_KWARGS: dict[str, Any] = {}  # never changed: what TaliskerMiddleware passes as kwargs
+#: What ``TaliskerMiddleware`` serves a request with: no view_of of its own.
+_serve = app_wrapper()
 
 
 class _Exchange(Request):
@@ -177,7 +208,6 @@ class _Exchange(Request):
         "_body",
         "_environ",
         "_keys",
-        "_request_token",
         "_scope_token",
         "_start_response",
         "_view_of",
@@ -185,7 +215,6 @@ class _Exchange(Request):
     _body: Iterable[bytes] | None
     _environ: dict[str, Any] | None
     _keys: _Keys
-    _request_token: Any
     _scope_token: Any
     _start_response: StartResponse
     _view_of: Callable[[dict[str, Any]], str | None] | None
@@ -260,11 +289,9 @@ class _Exchange(Request):
             if scope_token is not None:  # a second close() changes nothing
                 self._scope_token = None
                 try:  # _leave(), inline
-                    _reset_request(self._request_token)
                     _reset_scope(scope_token)
                 except (ValueError, RuntimeError):  # closed in another context than called in
                     context._scope.set(context.EMPTY)
-                    _request.set(None)
 
 
 class _FileClose:
@@ -274,18 +301,12 @@ class _FileClose:
     cannot see whether it was sent whole; it is recorded as complete.
     """
 
-    __slots__ = ("_close", "_request", "_tokens")
+    __slots__ = ("_close", "_request", "_token")
 
-    def __init__(
-        self,
-        close: Callable[[], Any] | None,
-        request: Request,
-        scope_token: Any,
-        request_token: Any,
-    ) -> None:
+    def __init__(self, close: Callable[[], Any] | None, request: Request, scope_token: Any) -> None:
         self._close = close
         self._request = request
-        self._tokens: tuple[Any, ...] | None = (scope_token, request_token)
+        self._token: Any = scope_token
 
     def __call__(self) -> None:
         try:
@@ -297,24 +318,20 @@ class _FileClose:
                 request._environ = None  # it holds the exchange: no cycle left for the collector
             request.complete = True
             _finish(request)
-            tokens, self._tokens = self._tokens, None
-            if tokens is not None:
-                _leave(*tokens)
+            token, self._token = self._token, None
+            if token is not None:
+                _leave(token)
 
 
-def _leave(scope_token: Any, request_token: Any) -> None:
+def _leave(scope_token: Any) -> None:
     try:
-        _reset_request(request_token)
         _reset_scope(scope_token)
     except (ValueError, RuntimeError):  # closed from another context than it was called in
         context._scope.set(context.EMPTY)
-        _request.set(None)
 
 
 _set_scope = context._scope.set
 _reset_scope = context._scope.reset
-_set_request = _request.set
-_reset_request = _request.reset
 
 
 #: ``status line -> code``: parsing it costs more than the rest of ``start_response``.
@@ -429,7 +446,7 @@ def request_timeout(timeout_ms: float | None = None, soft_timeout_ms: float | No
 
         @functools.wraps(view)
         def timed_view(*args: Any, **kwargs: Any) -> Any:
-            request = _request.get()
+            request = _current_scope().request
             if request is not None and soft_timeout_ms is not None:
                 request.soft_timeout = soft_timeout_ms / 1000.0
             if timeout_ms is None:

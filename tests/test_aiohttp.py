@@ -172,6 +172,14 @@ async def show_user(request):
             await response.read()
     return web.json_response({"request_id": scope.request_id, "left": agent.deadline_timeout()})
 
+async def current(request):
+    outer = agent.wsgi.current_request()
+    with agent.deadline(5):
+        inner = agent.wsgi.current_request()
+    return web.json_response(
+        {"same": outer is inner, "request_id": outer.request_id, "kind": outer.kind}
+    )
+
 async def fail(request):
     raise RuntimeError("view failed")
 
@@ -182,6 +190,7 @@ app = web.Application()
 app.router.add_get("/up", lambda request: web.Response(text="up"))
 app.router.add_get("/users/{user_id}", show_user, name="show_user")
 app.router.add_get("/fail", fail)
+app.router.add_get("/current", current)
 app.router.add_get("/missing", missing)
 web.run_app(app, host="127.0.0.1", port=int(os.environ["PORT"]), print=None)
 """
@@ -224,6 +233,7 @@ def test_an_aiohttp_app_under_talisker_run_gets_the_request_scope(tmp_path, stat
         response = requests.get(url + "/users/7", headers=headers)
         failed = requests.get(url + "/fail")
         missing = requests.get(url + "/missing")
+        current = requests.get(url + "/current", headers={"X-Request-Id": "aio-1"})
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -238,7 +248,8 @@ def test_an_aiohttp_app_under_talisker_run_gets_the_request_scope(tmp_path, stat
     assert downstream.header("X-Request-Id") == "abc-123"
     assert 0 < float(downstream.header("X-Request-Timeout")) <= 20
     assert failed.status_code == 500 and missing.status_code == 404
-    assert statsd.wait_for(lambda: statsd.total("talisker.aiohttp.requests") >= 4, 30)
+    assert current.json() == {"same": True, "request_id": "aio-1", "kind": "aiohttp"}
+    assert statsd.wait_for(lambda: statsd.total("talisker.aiohttp.requests") >= 5, 30)
     assert statsd.total("talisker.aiohttp.requests", view="show_user", status="200") == 1
     assert statsd.total("talisker.aiohttp.errors", status="500") == 1
     assert statsd.total("talisker.aiohttp.errors", status="404") == 0

@@ -99,6 +99,28 @@ def test_a_starlette_app_gets_the_request_scope_with_no_code_changes(
     assert context_left_clean()
 
 
+def test_current_request_is_the_asgi_request_served_in_nested_scopes(install_agent, statsd):
+    install_agent()
+
+    async def show(request):
+        outer = agent.wsgi.current_request()
+        with agent.deadline(5), agent.metric_names(view="inner"):
+            inner = agent.wsgi.current_request()
+        return JSONResponse(
+            {
+                "same": outer is inner,
+                "request_id": outer and outer.request_id,
+                "kind": outer and outer.kind,
+            }
+        )
+
+    app = starlette_apps.Starlette(routes=[Route("/show", show, name="show")])
+    with serve(app) as url, agent.suppress():
+        response = requests.get(url + "/show", headers={"X-Request-Id": "asgi-1"})
+    assert response.json() == {"same": True, "request_id": "asgi-1", "kind": "asgi"}
+    assert agent.wsgi.current_request() is None
+
+
 def context_left_clean() -> bool:
     return agent.context.current().request_id is None
 

@@ -502,6 +502,66 @@ def test_flask_is_instrumented_without_code_changes(install_agent, statsd):
     assert statsd.total("talisker.wsgi.errors", view="fail", status="500") == 1
 
 
+def test_current_request_is_the_request_served_in_every_scope_nested_in_a_view(
+    install_agent, statsd
+):
+    """The request scope carries the request: scopes pushed inside the view keep it."""
+    install_agent()
+    app = flask.Flask("nested")
+    seen = {}
+
+    @app.route("/nested")
+    @agent.request_timeout(timeout_ms=20000, soft_timeout_ms=60000)
+    def nested():
+        seen["view"] = current_request()
+        with agent.deadline(10):
+            seen["deadline"] = current_request()
+            with agent.metric_names(view="inner", peer="peer"):
+                seen["metric_names"] = current_request()
+                with agent.priority("high"), agent.suppress():
+                    seen["priority"] = current_request()
+                with agent.request_context(request_id="inner-id", deadline=5):
+                    seen["request_context"] = current_request()
+                    seen["inner_id"] = context.current().request_id
+        with agent.deadline(None):
+            seen["no_deadline"] = current_request()
+        seen["after"] = current_request()
+        return "ok"
+
+    with serve(app) as url:
+        response = requests.get(url + "/nested", headers={"X-Request-Id": "nested-1"})
+    assert response.status_code == 200
+    request = seen["view"]
+    assert request is not None and request.request_id == "nested-1"
+    assert request.soft_timeout == 60.0  # request_timeout found the request
+    for where in ("deadline", "metric_names", "priority", "request_context", "no_deadline"):
+        assert seen[where] is request, where
+    assert seen["after"] is request
+    assert seen["inner_id"] == "inner-id"  # request_context's own id, the same request
+    assert request.view == "nested" and request.finished
+    assert current_request() is None
+
+
+def test_current_request_is_none_outside_a_request_and_after_it(install_agent):
+    install_agent()
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(current_request())
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    assert current_request() is None
+    with agent.request_context(request_id="script"), agent.deadline(5):
+        assert current_request() is None  # a scope that no server set up carries no request
+    body = TaliskerMiddleware(app)({"REQUEST_METHOD": "GET"}, lambda *a: None)
+    assert list(body) == [b"ok"]
+    body.close()
+    assert seen[0] is not None and seen[0].request_id
+    assert current_request() is None
+    assert context.current().request_id is None
+
+
 def test_a_flask_request_no_route_matched_has_no_view(install_agent, statsd):
     install_agent()
     with serve(flask_app()) as url:
@@ -715,3 +775,43 @@ def test_start_response_passes_exc_info_on(install_agent, statsd):
     assert response.headers["X-Request-Id"] == "again"
     sent(statsd)
     assert statsd.total("talisker.wsgi.errors", status="500") == 1
+
+
+def test_the_requests_of_a_flush_are_grouped_by_view_method_and_status_in_any_order():
+    """Interleaved groups, equal but not identical strings: each request in its own group."""
+    from agent import metrics
+    from agent.http import server
+
+    get = "".join(["G", "ET"])  # equal to "GET", another object (as each request's is)
+    payloads = [
+        ("a", "GET", 200, 1.0, 0.1, False),
+        ("a", get, 200, 2.0, 0.2, False),
+        ("b", "GET", 500, 3.0, 0.3, True),
+        ("a", "GET", 200, 4.0, 0.4, False),
+        ("a", "POST", 200, 5.0, 0.5, False),
+        ("b", get, 500, 6.0, 0.6, True),
+        ("a", "GET", 404, 7.0, 0.7, False),
+    ]
+    records = server.expand_requests(payloads)
+
+    def tags(view, method, status):
+        return (("view", view), ("method", method), ("status", status))
+
+    a, b = tags("a", "GET", 200), tags("b", "GET", 500)
+    post, missing = tags("a", "POST", 200), tags("a", "GET", 404)
+    assert records == [
+        (metrics.COUNT, "wsgi.requests", 3, a),
+        (metrics.TIMING, "wsgi.latency", [1.0, 2.0, 4.0], a),
+        (metrics.TIMING, "wsgi.cpu", [0.1, 0.2, 0.4], a),
+        (metrics.COUNT, "wsgi.requests", 2, b),
+        (metrics.TIMING, "wsgi.latency", [3.0, 6.0], b),
+        (metrics.TIMING, "wsgi.cpu", [0.3, 0.6], b),
+        (metrics.COUNT, "wsgi.errors", 2, b),
+        (metrics.COUNT, "wsgi.requests", 1, post),
+        (metrics.TIMING, "wsgi.latency", [5.0], post),
+        (metrics.TIMING, "wsgi.cpu", [0.5], post),
+        (metrics.COUNT, "wsgi.requests", 1, missing),
+        (metrics.TIMING, "wsgi.latency", [7.0], missing),
+        (metrics.TIMING, "wsgi.cpu", [0.7], missing),
+    ]
+    assert not any(name.endswith(".cpu") for _, name, _, _ in server.expand_asgi_requests(payloads))

@@ -1,16 +1,16 @@
 """The incoming-request protocol of every server: the request scope and its record.
 
-A server integration (:mod:`agent.wsgi` today) calls :func:`begin` with what the
-request's headers say, sets the scope and :data:`current` for the time it serves
-the request, and calls :func:`finish` once the response has been sent (or the
-client went away). This module knows the metrics (``wsgi.*``); the header
+A server integration (:mod:`agent.wsgi`, :mod:`agent.asgi`, aiohttp's) calls
+:func:`begin` with what the request's headers say, sets the scope (whose
+``request`` is the record, which :func:`current_request` reads) for the time it
+serves the request, and calls :func:`finish` once the response has been sent (or
+the client went away). This module knows the metrics (``wsgi.*``); the header
 protocol is :mod:`agent.propagation`.
 """
 
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 
 from agent import _log, context, metrics, propagation
 from agent.context import Scope
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from agent.config import Config
 
-__all__ = ["CLIENT_CLOSED_REQUEST", "Request", "begin", "current", "finish", "scope_for"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "Request", "begin", "current_request", "finish", "scope_for"]
 
 #: The status recorded for a response whose client went away before it was sent.
 CLIENT_CLOSED_REQUEST = 499
@@ -60,8 +60,18 @@ class Request:
         self.cpu = _thread_time()
 
 
-#: The incoming request being served in this context (``current.get()``), or ``None``.
-current: ContextVar[Request | None] = ContextVar("talisker_wsgi_request", default=None)
+_current_scope = context.current
+
+
+def current_request() -> Request | None:
+    """The incoming request being served in this context, or ``None``.
+
+    The request scope a server integration sets carries its record, and every
+    scope pushed inside it (a nested ``deadline()``, ``metric_names()``,
+    ``request_context()``) keeps it: one context variable per request, not two.
+    """
+    request: Request | None = _current_scope().request
+    return request
 
 
 def begin(
@@ -72,9 +82,15 @@ def begin(
     timeout_header: str | None,
     priority_header: str | None = None,
 ) -> tuple[Request, Scope]:
-    """The record and the scope of a request that came with these header values."""
+    """The record and the scope of a request that came with these header values.
+
+    The scope carries the record (``scope.request``): setting it makes the record
+    :func:`current_request`.
+    """
     scope = scope_for(cfg, incoming_id, deadline_header, timeout_header, priority_header)
-    return Request(scope.request_id, method, cfg.soft_request_timeout), scope  # type: ignore[arg-type]
+    request = Request(scope.request_id, method, cfg.soft_request_timeout)  # type: ignore[arg-type]
+    scope.request = request
+    return request, scope
 
 
 def scope_for(
@@ -161,15 +177,24 @@ def _expand(
     payloads: list[tuple[Any, ...]], family: str, with_cpu: bool
 ) -> list[tuple[int, str, Any, Any]]:
     groups: dict[tuple[Any, ...], tuple[list[float], list[float], list[int]]] = {}
+    # Consecutive requests mostly share their view, method and status: the group of
+    # the one before is reused without hashing a key (a new method string each time).
+    last_view = last_method = last_status = None
+    latencies: list[float] = []
+    cpus: list[float] = []
+    errors: list[int] = []
     for view, method, status, latency_ms, cpu_ms, error in payloads:
-        key = (view, method, status)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = ([], [], [0])
-        group[0].append(latency_ms)
-        group[1].append(cpu_ms)
+        if status != last_status or view != last_view or method != last_method:
+            key = (view, method, status)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = ([], [], [0])
+            latencies, cpus, errors = group
+            last_view, last_method, last_status = key
+        latencies.append(latency_ms)
+        cpus.append(cpu_ms)
         if error:
-            group[2][0] += 1
+            errors[0] += 1
     records: list[tuple[int, str, Any, Any]] = []
     for (view, method, status), (latencies, cpus, errors) in groups.items():
         tags = (("view", view), ("method", method), ("status", status))

@@ -229,8 +229,7 @@ async def _handle(cfg: Config, wrapped: Callable[..., Any], web_request: Any) ->
     except Exception:
         _log.log_once("aiohttp-begin", "agent: reading an aiohttp request failed", exc_info=True)
         return await wrapped(web_request)
-    scope_token = context._scope.set(scope)
-    request_token = server.current.set(request)
+    scope_token = context._scope.set(scope)  # it carries the request (current_request)
     try:
         response = await wrapped(web_request)
     except BaseException as exc:
@@ -263,10 +262,8 @@ async def _handle(cfg: Config, wrapped: Callable[..., Any], web_request: Any) ->
     finally:
         server.finish(request)
         try:
-            server.current.reset(request_token)
             context._scope.reset(scope_token)
         except ValueError:  # pragma: no cover - left from another context
-            server.current.set(None)
             context._scope.set(context.EMPTY)
 
 

@@ -1,6 +1,6 @@
 """Flask: every application served through the WSGI middleware, the endpoint as view.
 
-``Flask.wsgi_app`` is wrapped with :func:`agent.wsgi.handle`; the view name is
+``Flask.wsgi_app`` is wrapped with :func:`agent.wsgi.app_wrapper`; the view name is
 the request's endpoint (``users.show``), read when Flask starts the response,
 while its request context is still active. An application also wrapped in
 ``TaliskerMiddleware`` by hand is handled once, by the outer layer.
@@ -15,23 +15,7 @@ from agent.instrumentation import Patch
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
-
-
-def wsgi_app_wrapper(
-    wrapped: Callable[..., Any], app: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """Around ``Flask.wsgi_app(environ, start_response)``."""
-    if len(args) != 2 or kwargs:
-        return wrapped(*args, **kwargs)
-    environ, start_response = args
-    outer = environ.get("talisker.request")
-    if outer is not None:  # TaliskerMiddleware around the app: let it name the view
-        if outer.view is None:
-            environ.setdefault("talisker.view_of", _endpoint)
-        return wrapped(environ, start_response)
-    return wsgi.handle(wrapped, environ, start_response, _endpoint)
 
 
 def _endpoint(environ: dict[str, Any]) -> str | None:
@@ -56,6 +40,10 @@ def installed_version() -> str:
 
     return version("flask")
 
+
+#: Around ``Flask.wsgi_app(environ, start_response)``: the request is served by this
+#: one wrapper (``agent.wsgi``'s, naming the view by the endpoint), no frame between.
+wsgi_app_wrapper = wsgi.app_wrapper(_endpoint)
 
 PATCHES = (Patch("flask.app", "Flask.wsgi_app", wsgi_app_wrapper),)
 
