@@ -54,7 +54,6 @@ _request_id_for = propagation.request_id_for
 _perf_counter = time.perf_counter
 _thread_time = time.thread_time
 _new = object.__new__
-_current_scope = context.current
 _NO_EXC_INFO: Any = object()  # start_response called without exc_info
 #: The incoming request being served in this context, or ``None`` (the request
 #: scope carries it: see :func:`agent.http.server.current_request`).
@@ -181,10 +180,8 @@ def app_wrapper(
                     setattr(body, "close", close)  # noqa: B010 - an attribute Iterable does not declare
                     request._scope_token = None
                     return body
-                except (
-                    Exception
-                ):  # a wrapper that takes no attribute: iterated through the exchange
-                    pass
+                except Exception:
+                    pass  # a wrapper that takes no attribute: iterated through the exchange
         request._body = body
         return request
 
@@ -446,7 +443,7 @@ def request_timeout(timeout_ms: float | None = None, soft_timeout_ms: float | No
 
         @functools.wraps(view)
         def timed_view(*args: Any, **kwargs: Any) -> Any:
-            request = _current_scope().request
+            request = current_request()
             if request is not None and soft_timeout_ms is not None:
                 request.soft_timeout = soft_timeout_ms / 1000.0
             if timeout_ms is None:

@@ -173,13 +173,18 @@ def expand_asgi_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str
     return _expand(payloads, "asgi", False)
 
 
+_NO_GROUP: Any = object()  # what no request's view, method or status is
+
+
 def _expand(
     payloads: list[tuple[Any, ...]], family: str, with_cpu: bool
 ) -> list[tuple[int, str, Any, Any]]:
     groups: dict[tuple[Any, ...], tuple[list[float], list[float], list[int]]] = {}
     # Consecutive requests mostly share their view, method and status: the group of
     # the one before is reused without hashing a key (a new method string each time).
-    last_view = last_method = last_status = None
+    last_view: Any = _NO_GROUP
+    last_method: Any = _NO_GROUP
+    last_status: Any = _NO_GROUP
     latencies: list[float] = []
     cpus: list[float] = []
     errors: list[int] = []
