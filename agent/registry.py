@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from _thread import RLock
+from types import FunctionType, MethodType
 
 from agent import _log
 from agent._importhook import PostImportFinder
@@ -30,13 +31,15 @@ __all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "uninstall
 
 
 class _Applied:
-    __slots__ = ("attr", "original", "owner", "wrapper")
+    __slots__ = ("attr", "instances", "original", "owner", "wrapper")
 
     def __init__(self, owner: Any, attr: str, original: Any, wrapper: Any) -> None:
         self.owner = owner
         self.attr = attr
         self.original = original
         self.wrapper = wrapper
+        #: A per-instance patch's ``instance -> its bound wrapper`` (weak keys), else ``None``.
+        self.instances: Any = None
 
 
 _lock = RLock()
@@ -90,6 +93,8 @@ def uninstall() -> None:
                 pass
         _finder, _config, _enabled, _api_only = None, None, frozenset(), frozenset()
         for key, record in list(_applied.items()):
+            if record.instances is not None:
+                _unbind_instances(record)
             current = vars(record.owner).get(record.attr)
             if current is record.wrapper:
                 setattr(record.owner, record.attr, record.original)
@@ -194,10 +199,92 @@ def _apply(module: ModuleType, patch: Patch) -> bool:
     marker = wrapper_class()
     if isinstance(original, marker):
         return False  # already ours (e.g. state lost by a reload of this module)
-    wrapper = marker(original, patch.wrapper)
-    setattr(owner, attr, wrapper)
-    _applied[(patch.module, patch.path)] = _Applied(owner, attr, original, wrapper)
+    key = (patch.module, patch.path)
+    if patch.per_instance and isinstance(original, FunctionType):
+        record = _Applied(owner, attr, original, None)
+        record.wrapper = marker(original, _binding_wrapper(key, record, patch.wrapper, marker))
+    else:
+        record = _Applied(owner, attr, original, marker(original, patch.wrapper))
+    setattr(owner, attr, record.wrapper)
+    _applied[key] = record
     return True
+
+
+def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marker: type) -> Any:
+    """The class's wrapper of a per-instance patch: binds, then calls ``wrapper``.
+
+    wrapt makes a bound wrapper each time ``instance.method`` is looked up
+    (about 5k instructions). An instance's first call stores one in its own
+    ``__dict__``, as ``app.wsgi_app = Middleware(app.wsgi_app)`` does, and later
+    calls find it there and go straight to ``wrapper``. Not for an instance whose
+    class, or a subclass of the patched one, resolves the name to something else
+    (a subclass's override calling ``super()``: its method must stay in the
+    way), nor one that has the name set already (a middleware put in by hand),
+    nor one without a ``__dict__`` or weak references: those go through here on
+    every call. :func:`uninstall` takes the bound wrappers out again.
+    """
+    attr, original = record.attr, record.original
+    resolves: dict[type, bool] = {}  # class -> whether its attr is this patch's wrapper
+
+    def binding(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if instance is not None:
+            try:
+                _bind(instance)
+            except Exception:
+                _log.log_once(f"bind:{attr}", "agent: binding %s failed", attr, exc_info=True)
+        return wrapper(wrapped, instance, args, kwargs)
+
+    def _bind(instance: Any) -> None:
+        own = getattr(instance, "__dict__", None)
+        if type(own) is not dict or attr in own:
+            return
+        cls = type(instance)
+        ours = resolves.get(cls)
+        if ours is None:
+            found = next((vars(k)[attr] for k in cls.__mro__ if attr in vars(k)), None)
+            ours = found is record.wrapper and cls.__weakrefoffset__ != 0
+            if len(resolves) < 64:
+                resolves[cls] = ours
+        if not ours:
+            return
+        from weakref import ref
+
+        bound = marker(MethodType(original, instance), wrapper)
+        with _lock:
+            if _applied.get(key) is not record:
+                return  # uninstalled meanwhile
+            if own.setdefault(attr, bound) is not bound:
+                return  # set meanwhile
+            instances = record.instances
+            if instances is None:
+                instances = record.instances = {}
+            # By id, with weak references: the bound wrapper holds its instance, and
+            # an instance need not be hashable. An entry goes when its instance does.
+            instances[id(instance)] = ref(instance, _forget(instances, id(instance)))
+
+    return binding
+
+
+def _forget(instances: dict[int, Any], ident: int) -> Any:
+    def forget(dead: Any) -> None:
+        if instances.get(ident) is dead:
+            del instances[ident]
+
+    return forget
+
+
+def _unbind_instances(record: _Applied) -> None:
+    """Take a per-instance patch's bound wrappers out of the instances that still hold them."""
+    marker = wrapper_class()
+    for alive in list(record.instances.values()):
+        instance = alive()
+        own = getattr(instance, "__dict__", None)
+        if type(own) is not dict:
+            continue
+        bound = own.get(record.attr)
+        if isinstance(bound, marker) and getattr(bound, "__self__", None) is instance:
+            del own[record.attr]
+    record.instances = None
 
 
 def target_version(name: str) -> str:

@@ -589,6 +589,108 @@ def test_flask_wrapped_by_hand_is_counted_once(install_agent, statsd):
     assert statsd.total("talisker.wsgi.requests", view="show_user") == 1
 
 
+def counted(statsd, n, **tags):
+    sent(statsd, at_least=n)
+    return statsd.total("talisker.wsgi.requests", **tags)
+
+
+def test_an_application_keeps_its_own_bound_wrapper_until_the_agent_is_uninstalled(
+    install_agent, statsd
+):
+    from agent import registry
+
+    install_agent()
+    app = flask_app()
+    assert "wsgi_app" not in vars(app)
+    with serve(app) as url:
+        first = requests.get(url + "/users/1", headers={"X-Request-Id": "bound-1"})
+        bound = vars(app)["wsgi_app"]  # the first request gave the app its own
+        second = requests.get(url + "/users/2", headers={"X-Request-Id": "bound-2"})
+        assert vars(app)["wsgi_app"] is bound
+        assert isinstance(bound, registry.wrapper_class())
+        assert bound.__self__ is app
+        assert bound.__wrapped__.__func__ is vars(flask.Flask)["wsgi_app"].__wrapped__
+        assert [first.headers["X-Request-Id"], second.headers["X-Request-Id"]] == [
+            "bound-1",
+            "bound-2",
+        ]
+        assert counted(statsd, 2, view="show_user") == 2
+        agent.uninstall()
+        assert "wsgi_app" not in vars(app)
+        off = requests.get(url + "/users/3")
+        assert off.json()["id"] == 3 and "X-Request-Id" not in off.headers
+        install_agent()
+        again = requests.get(url + "/users/4", headers={"X-Request-Id": "bound-4"})
+        assert again.headers["X-Request-Id"] == "bound-4"
+        assert vars(app)["wsgi_app"] is not bound
+    assert counted(statsd, 3, view="show_user") == 3
+
+
+class _OwnWsgiApp(flask.Flask):
+    """A subclass whose override must run on every request; unhashable, too."""
+
+    __hash__ = None  # type: ignore[assignment]
+    calls = 0
+
+    def __eq__(self, other):
+        return False
+
+    def wsgi_app(self, environ, start_response):
+        type(self).calls += 1
+        return super().wsgi_app(environ, start_response)
+
+
+def test_a_subclass_override_of_wsgi_app_still_runs_on_every_request(install_agent, statsd):
+    install_agent()
+    app = _OwnWsgiApp("own")
+    app.route("/")(lambda: "ok")
+    with serve(app) as url:
+        for _ in range(3):
+            assert requests.get(url).headers["X-View-Name"] == "<lambda>"
+    assert _OwnWsgiApp.calls == 3
+    assert "wsgi_app" not in vars(app)
+    assert counted(statsd, 3) == 3
+
+
+def test_a_middleware_set_by_hand_before_the_first_request_is_kept(install_agent, statsd):
+    install_agent()
+    app = flask_app()
+    calls = []
+    inner = app.wsgi_app
+
+    def middleware(environ, start_response):
+        calls.append(environ["PATH_INFO"])
+        return inner(environ, start_response)
+
+    app.wsgi_app = middleware
+    with serve(app) as url:
+        requests.get(url + "/users/1")
+        requests.get(url + "/users/2")
+    assert vars(app)["wsgi_app"] is middleware
+    assert calls == ["/users/1", "/users/2"]
+    assert counted(statsd, 2, view="show_user") == 2
+
+
+def test_an_application_no_longer_referenced_is_collected(install_agent, statsd):
+    import gc
+    import weakref
+
+    from agent import registry
+
+    install_agent()
+    app = flask_app()
+    with serve(app) as url:
+        requests.get(url + "/users/1")
+    assert "wsgi_app" in vars(app)
+    record = registry._applied[("flask.app", "Flask.wsgi_app")]
+    assert id(app) in record.instances
+    gone = weakref.ref(app)
+    del app
+    gc.collect()
+    assert gone() is None
+    assert gone not in record.instances.values()
+
+
 # -- parsing -----------------------------------------------------------------------
 
 

@@ -45,6 +45,8 @@ def installed_version() -> str:
 #: one wrapper (``agent.wsgi``'s, naming the view by the endpoint), no frame between.
 wsgi_app_wrapper = wsgi.app_wrapper(_endpoint)
 
-PATCHES = (Patch("flask.app", "Flask.wsgi_app", wsgi_app_wrapper),)
+#: Per instance: an application lives as long as its process, and ``Flask.__call__``
+#: looks ``self.wsgi_app`` up on every request (see ``agent.registry``).
+PATCHES = (Patch("flask.app", "Flask.wsgi_app", wsgi_app_wrapper, per_instance=True),)
 
 __all__ = ["PATCHES", "SUPPORTED", "installed_version"]
