@@ -27,7 +27,7 @@ import threading
 import time
 
 from agent import _fork, _log, config, context, propagation
-from agent.context import Scope
+from agent.context import RequestScope, Scope
 from agent.http import server
 from agent.http.server import Request
 from agent.propagation import VIEW_HEADER, parse_deadline
@@ -95,9 +95,12 @@ def app_wrapper(
         kwargs: dict[str, Any],
     ) -> Iterable[bytes]:
         cfg = config.current
-        if cfg is None or len(args) != 2 or kwargs:
+        if cfg is None or kwargs:
             return wrapped(*args, **kwargs)  # off, or not a WSGI call
-        environ, start_response = args
+        try:
+            environ, start_response = args
+        except ValueError:
+            return wrapped(*args)  # not a WSGI call
         if "talisker.request" in environ:  # an outer layer handles this request
             outer = environ["talisker.request"]
             if view_of is not None and outer is not None and outer.view is None:
@@ -112,7 +115,8 @@ def app_wrapper(
             timeout_header = environ.get("HTTP_X_REQUEST_TIMEOUT")
             priority_header = environ.get("HTTP_X_REQUEST_PRIORITY")
             # An _Exchange without the cost of a Python __init__: every slot is set here
-            # (tests/test_wsgi.py checks that none is left out).
+            # or, _body and _scope_token, before it is read (tests/test_wsgi.py checks
+            # that none is left out).
             request = _new(_Exchange)
             if (
                 deadline_header is None
@@ -123,7 +127,7 @@ def app_wrapper(
                 request_id: str = _new_request_id()
                 if incoming_id is not None:
                     request_id = _request_id_for(incoming_id, request_id, keys.compose)
-                scope = Scope(request_id, None, None, None, False, None, None, request)
+                scope: Scope = RequestScope(request_id, request)
             else:
                 scope = _scope_for(
                     cfg, incoming_id, deadline_header, timeout_header, priority_header
@@ -131,7 +135,8 @@ def app_wrapper(
                 scope.request = request
                 request_id = scope.request_id  # type: ignore[assignment]  # always set here
             request.request_id = request_id
-            request.method = str(environ.get("REQUEST_METHOD", "GET"))
+            method = environ.get("REQUEST_METHOD", "GET")
+            request.method = method if type(method) is str else str(method)
             request.soft_timeout = keys.soft_timeout
             request.view = None
             request.status = None
@@ -143,8 +148,6 @@ def app_wrapper(
             request._start_response = start_response
             request._view_of = view_of
             request._keys = keys
-            request._body = None
-            request._scope_token = None
             request.start = _perf_counter()  # where Request.__init__ reads them, as before
             request.cpu = _thread_time()
             environ["talisker.request"] = request

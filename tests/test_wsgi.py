@@ -879,6 +879,32 @@ def test_start_response_passes_exc_info_on(install_agent, statsd):
     assert statsd.total("talisker.wsgi.errors", status="500") == 1
 
 
+def test_a_flush_of_one_view_method_and_status_is_one_group_with_its_errors_counted():
+    from agent import metrics
+    from agent.http import server
+
+    get = "".join(["G", "ET"])  # equal to "GET", another object (as each request's is)
+    payloads = [
+        ("a", "GET", 200, 1.0, 0.1, False),
+        ("a", get, 200, 2.0, 0.2, True),  # failed while its body was sent
+        ("a", "GET", 200, 3.0, 0.3, False),
+    ]
+    tags = (("view", "a"), ("method", "GET"), ("status", 200))
+    assert server.expand_requests(payloads) == [
+        (metrics.COUNT, "wsgi.requests", 3, tags),
+        (metrics.TIMING, "wsgi.latency", [1.0, 2.0, 3.0], tags),
+        (metrics.TIMING, "wsgi.cpu", [0.1, 0.2, 0.3], tags),
+        (metrics.COUNT, "wsgi.errors", 1, tags),
+    ]
+    # The last request alone differs: all of them go through the grouping.
+    last = ("a", "GET", 201, 4.0, 0.4, False)
+    records = server.expand_requests([*payloads, last])
+    assert [r[2] for r in records if r[1] == "wsgi.requests"] == [3, 1]
+    assert server.expand_requests([]) == []
+    with pytest.raises(ValueError):  # the worker then expands them one by one
+        server.expand_requests([*payloads, ("a", "GET", 200, 4.0)])
+
+
 def test_the_requests_of_a_flush_are_grouped_by_view_method_and_status_in_any_order():
     """Interleaved groups, equal but not identical strings: each request in its own group."""
     from agent import metrics

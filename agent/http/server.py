@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from agent import _log, context, metrics, propagation
-from agent.context import Scope
+from agent.context import RequestScope, Scope
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def scope_for(
         and priority_header is None
         and not cfg.request_timeout
     ):
-        return Scope(request_id, None, None, None, False, None, None)  # the common case
+        return RequestScope(request_id)  # the common case
     deadline = None
     if deadline_header is not None or timeout_header is not None or cfg.request_timeout:
         deadline = _incoming_deadline(cfg, deadline_header, timeout_header)
@@ -136,12 +136,15 @@ def finish(request: Request) -> None:
     try:
         cpu_ms = (_thread_time() - request.cpu) * 1000.0
         latency_ms = (_perf_counter() - request.start) * 1000.0
-        status = request.status if request.status is not None else 500
-        if request.error is None and not request.complete and request.status is not None:
+        status = request.status
+        failed = request.error is not None
+        if status is None:
+            status = 500
+        elif not failed and not request.complete:
             # Closed before the body was read to its end: the client went away.
             # nginx's 499 (and aio-request's), not an error of the application.
             status = CLIENT_CLOSED_REQUEST
-        error = request.error is not None or status >= 500
+        error = failed or status >= 500
         view = request.view or "unknown"
         kind = request.kind
         metrics.record_deferred(
