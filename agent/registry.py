@@ -38,7 +38,7 @@ class _Applied:
         self.attr = attr
         self.original = original
         self.wrapper = wrapper
-        #: A per-instance patch's ``instance -> its bound wrapper`` (weak keys), else ``None``.
+        #: A per-instance patch's bound instances, ``id -> weak reference``, else ``None``.
         self.instances: Any = None
 
 
