@@ -227,7 +227,8 @@ def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marke
     resolves: dict[type, bool] = {}  # class -> whether its attr is this patch's wrapper
 
     def binding(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        if instance is not None:
+        # A class known not to take one (an override) pays one lookup per call, no frame.
+        if instance is not None and resolves.get(type(instance)) is not False:
             try:
                 _bind(instance)
             except Exception:
