@@ -652,6 +652,34 @@ def test_a_subclass_override_of_wsgi_app_still_runs_on_every_request(install_age
     assert counted(statsd, 3) == 3
 
 
+class _UnhashableApp(flask.Flask):
+    """No override of wsgi_app, but no hash and an equality that never holds."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other):
+        return False
+
+
+def test_unhashable_applications_are_bound_and_unbound_each_on_its_own(install_agent, statsd):
+    from agent import registry
+
+    install_agent()
+    apps = [_UnhashableApp("one"), _UnhashableApp("two")]
+    for app in apps:
+        app.route("/")(lambda: "ok")
+    with serve(apps[0]) as one, serve(apps[1]) as two:
+        for url in (one, two, one):
+            assert requests.get(url, headers={"X-Request-Id": "u"}).headers["X-Request-Id"] == "u"
+        record = registry._applied[("flask.app", "Flask.wsgi_app")]
+        assert all(vars(app)["wsgi_app"].__self__ is app for app in apps)
+        assert {id(app) for app in apps} <= set(record.instances)
+        agent.uninstall()
+        assert all("wsgi_app" not in vars(app) for app in apps)
+        assert "X-Request-Id" not in requests.get(two).headers
+    assert counted(statsd, 3) == 3
+
+
 def test_a_middleware_set_by_hand_before_the_first_request_is_kept(install_agent, statsd):
     install_agent()
     app = flask_app()
