@@ -244,6 +244,22 @@ class Receiver:
                 self._cond.wait(min(left, 0.05))
         return True
 
+    def flushed(
+        self, flush: Callable[[], object], predicate: Callable[[], bool], timeout: float = 10.0
+    ) -> bool:
+        """``flush()``, then wait until ``predicate()`` holds, flushing again while it does not.
+
+        A server records a request once its response is sent, which can be after the
+        client has read it: one flush right after the response may come too early.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            flush()
+            if self.wait_for(predicate, 0.25):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
     def wait_total(self, name: str, expected: float, timeout: float = 5.0, **tags: str) -> float:
         """Wait until the total of ``name`` reaches ``expected``; return the total."""
         self.wait_for(lambda: self.total(name, **tags) >= expected, timeout)
