@@ -282,3 +282,22 @@ def test_a_connection_closed_without_a_response_is_econnreset(install_agent, sta
     with pytest.raises(aiohttp.ServerDisconnectedError):
         asyncio.run(get(http_server.url + "/reset"))
     assert aiohttp_error_of(statsd) == ("connection", "ECONNRESET")
+
+
+def test_a_call_cancelled_by_its_caller_is_a_499_not_an_error(install_agent, statsd, http_server):
+    install_agent()
+
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(asyncio.TimeoutError):  # the caller's own limit: a cancellation
+                await asyncio.wait_for(session.get(http_server.url + "/delay/3"), 0.3)
+            async with session.get(http_server.url + "/after") as after:  # all as before
+                assert after.status == 200
+
+    asyncio.run(main())
+    sent(statsd, at_least=2)
+    assert statsd.total(COUNT, status="499") == 1
+    assert statsd.total(COUNT, status="200") == 1
+    assert statsd.total(ERRORS) == 0
+    (latency,) = statsd.samples("talisker.requests.latency", status="499")
+    assert latency >= 250

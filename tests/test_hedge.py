@@ -37,6 +37,13 @@ def test_the_first_acceptable_answer_wins_and_the_slow_attempt_is_cancelled(
     assert agent.flush(5)
     assert statsd.wait_for(lambda: statsd.total(HEDGES) >= sent - 1)
     assert statsd.total(HEDGES) == sent - 1
+    # Each attempt sent is a request; the slow first one, cancelled, is the caller's 499.
+    count = "talisker.requests.count"
+    assert statsd.wait_for(lambda: statsd.total(count) >= sent)
+    assert statsd.total(count) == sent
+    assert statsd.total(count, status="499") >= 1
+    assert statsd.total(count, status="200") >= 1
+    assert statsd.total("talisker.requests.errors") == 0
 
 
 def test_the_sync_form_runs_attempts_in_threads(install_agent, statsd, http_server):

@@ -715,3 +715,69 @@ def test_outside_a_deadline_the_applications_retry_is_untouched(install_agent, h
     response = urllib3.PoolManager().request("GET", http_server.url + "/busy/e/1/1")
     assert response.status == 200 and len(http_server.requests) == 2
     assert sleeps == [] and time.monotonic() - started >= 1  # urllib3 waited the Retry-After
+
+
+# -- calls the caller gave up on -------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """What a signal handler raises mid-call, as KeyboardInterrupt or gevent's Timeout do."""
+
+
+@pytest.fixture
+def interrupt_after():
+    import signal
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def interrupted_call(http_server, interrupt_after, client):
+    url = http_server.url + "/delay/3"
+    interrupt_after(0.3)  # while the server sleeps: the client waits for its answer
+    with pytest.raises(Interrupted):
+        if client == "requests":
+            requests.get(url)
+        elif client == "urllib3-pool":
+            urllib3.HTTPConnectionPool("127.0.0.1", http_server.port).urlopen("GET", "/delay/3")
+        else:
+            urllib3.PoolManager().request("GET", url, retries=False)
+    assert len(http_server.requests) == 1  # it was sent: the peer saw it
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3-pool", "urllib3-manager"])
+def test_a_call_interrupted_by_its_caller_is_a_499_not_an_error(
+    install_agent, statsd, http_server, interrupt_after, client
+):
+    install_agent()
+    interrupted_call(http_server, interrupt_after, client)
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 1, status="499") == 1
+    assert statsd.total(COUNT) == 1  # once, whatever the layers
+    assert statsd.total(ERRORS) == 0  # the peer did not fail
+    (latency,) = statsd.samples(LATENCY, status="499")
+    assert latency >= 250  # the time until it was given up
+    assert requests.get(http_server.url + "/after").status_code == 200  # all as before
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib3-pool"])
+def test_an_interrupted_call_is_no_outcome_for_the_circuit_breaker(
+    install_agent, statsd, http_server, interrupt_after, client, monkeypatch
+):
+    from agent.http import breaker
+
+    monkeypatch.setattr(breaker, "_breakers", {})
+    install_agent(TALISKER_CIRCUIT_BREAKER=f"{http_server.netloc}=0.5/1/30/10")
+    interrupted_call(http_server, interrupt_after, client)
+    circuit = breaker._breakers[http_server.netloc]
+    assert circuit.state == breaker.CLOSED
+    assert sum(b[1] + b[2] for b in circuit._buckets) == 0  # neither a success nor a failure
+    sent(statsd)
+    assert statsd.wait_total(COUNT, 1, status="499") == 1

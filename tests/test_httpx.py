@@ -160,3 +160,30 @@ def test_a_connection_closed_without_a_response_is_econnreset(install_agent, sta
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(http_server.url + "/reset")
     assert error_of(statsd) == ("connection", "ECONNRESET")  # the row requests gives
+
+
+@pytest.mark.parametrize("through", ["client", "transport"])
+def test_a_call_cancelled_by_its_caller_is_a_499_not_an_error(
+    install_agent, statsd, http_server, through
+):
+    install_agent()
+
+    async def main():
+        if through == "client":
+            async with httpx.AsyncClient() as session:
+                call = session.get(http_server.url + "/delay/3")
+                with pytest.raises(asyncio.TimeoutError):  # the caller's limit: a cancellation
+                    await asyncio.wait_for(call, 0.3)
+                assert (await session.get(http_server.url + "/after")).status_code == 200
+        else:
+            async with httpx.AsyncHTTPTransport() as transport:
+                request = httpx.Request("GET", http_server.url + "/delay/3")
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(transport.handle_async_request(request), 0.3)
+
+    run(main())
+    sent(statsd)
+    assert statsd.total(COUNT, status="499") == 1
+    assert statsd.total(ERRORS) == 0
+    (latency,) = statsd.samples("talisker.requests.latency", status="499")
+    assert latency >= 250

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "Call",
+    "abandoned",
     "begin",
     "current_call",
     "end",
@@ -40,6 +42,9 @@ _perf_counter = time.perf_counter
 _monotonic = time.monotonic
 _record_deferred = metrics.record_deferred
 _COUNT, _TIMING = metrics.COUNT, metrics.TIMING
+#: The status of a call its caller gave up on: nginx's "client closed request" (the
+#: server side's ``agent.http.server.CLIENT_CLOSED_REQUEST`` for a client gone away).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class Call:
@@ -186,6 +191,35 @@ def record(call: Call, response: Any, error: BaseException | None, status: str =
             finish(call, getattr(response, status), response.headers, error)
     except Exception:
         _log.log_once("http-record", "agent: recording an outgoing call failed", exc_info=True)
+
+
+def abandoned(call: Call) -> None:
+    """Record a call its caller gave up on before it ended: status 499, not an error.
+
+    Cancelled (``asyncio.CancelledError``: ``asyncio.wait_for`` or ``asyncio.timeout``
+    around the call, a hedged attempt that lost, a task cancelled) or interrupted
+    (``KeyboardInterrupt``, gevent's ``Timeout``): any ``BaseException`` that is not an
+    ``Exception``. The request may have reached the peer, whose own record is then a
+    499 too, as aio-request records a cancelled call. The peer did not fail, so
+    neither the circuit breaker nor the retry budget is told of an outcome. Never raises.
+    """
+    try:
+        _record_deferred(
+            expand_requests,
+            (
+                call.peer or "unknown",
+                call.view or "unknown",
+                call.method,
+                CLIENT_CLOSED_REQUEST,
+                (_perf_counter() - call.start) * 1000.0,
+                None,
+                None,
+                None if call.attempts <= 1 else _retry_reasons(call),
+                call.backoff_ms,
+            ),
+        )
+    except Exception:
+        _log.log_once("http-abandoned", "agent: recording an abandoned call failed", exc_info=True)
 
 
 def retried(call: Call, history: Any) -> None:

@@ -95,6 +95,9 @@ async def _request(
     except Exception as exc:
         _finish(call, None, exc)
         raise
+    except BaseException:  # cancelled or interrupted: the caller gave up on it
+        client.abandoned(call)
+        raise
     finally:
         client.end(token)
     try:

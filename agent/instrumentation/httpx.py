@@ -85,6 +85,9 @@ def send_wrapper(
     except Exception as exc:
         _finish(call, None, exc)
         raise
+    except BaseException:  # cancelled or interrupted: the caller gave up on it
+        client.abandoned(call)
+        raise
     finally:
         client.end(token)
     _finish(call, response, None)
@@ -109,6 +112,9 @@ async def _send_async(
         response = await wrapped(*args, **kwargs)
     except Exception as exc:
         _finish(call, None, exc)
+        raise
+    except BaseException:  # cancelled or interrupted: the caller gave up on it
+        client.abandoned(call)
         raise
     finally:
         client.end(token)
@@ -156,6 +162,9 @@ def handle_request_wrapper(
         except Exception as exc:
             _finish(call, None, exc)
             raise
+        except BaseException:  # cancelled or interrupted: the caller gave up on it
+            client.abandoned(call)
+            raise
         finally:
             client.end(token)
         _finish(call, response, None)
@@ -193,6 +202,9 @@ async def _handle_async(
             response = await _handle_async(wrapped, args, kwargs)
         except Exception as exc:
             _finish(call, None, exc)
+            raise
+        except BaseException:  # cancelled or interrupted: the caller gave up on it
+            client.abandoned(call)
             raise
         finally:
             client.end(token)

@@ -78,6 +78,9 @@ def send_wrapper(
         if deadline_error is not None:
             raise deadline_error from exc
         raise
+    except BaseException:  # cancelled or interrupted: the caller gave up on it
+        client.abandoned(call)
+        raise
     finally:
         client.end(token)
     _finish(call, request, response, None)

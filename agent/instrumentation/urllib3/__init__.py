@@ -47,6 +47,7 @@ _attempt_headers = propagation.attempt_headers
 _client_begin = client.begin
 _record = client.record
 _finish = client.finish
+_abandoned = client.abandoned
 _PREPARE_FAILED = "agent: preparing a urllib3 request failed"
 _RECORD_FAILED = "agent: recording an outgoing call failed"
 _current_call = client.current_call
@@ -136,8 +137,9 @@ def urlopen_wrapper(
         _end(token)
         _record(call, None, exc)
         raise
-    except BaseException:
+    except BaseException:  # cancelled or interrupted: the caller gave up on it
         _end(token)
+        _abandoned(call)
         raise
     _end(token)
     try:
@@ -175,8 +177,9 @@ def poolmanager_wrapper(
             call.peer = client.peer_from_url(args[1] if len(args) > 1 else kwargs.get("url"))
         _record(call, None, exc)
         raise
-    except BaseException:
+    except BaseException:  # cancelled or interrupted: the caller gave up on it
         _end(token)
+        _abandoned(call)
         raise
     _end(token)
     _record(call, response, None)
