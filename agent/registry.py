@@ -31,7 +31,7 @@ __all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "uninstall
 
 
 class _Applied:
-    __slots__ = ("attr", "instances", "original", "owner", "wrapper")
+    __slots__ = ("attr", "inherited", "instances", "original", "owner", "wrapper")
 
     def __init__(self, owner: Any, attr: str, original: Any, wrapper: Any) -> None:
         self.owner = owner
@@ -40,6 +40,8 @@ class _Applied:
         self.wrapper = wrapper
         #: A per-instance patch's bound instances, ``id -> weak reference``, else ``None``.
         self.instances: Any = None
+        #: The original is a base class's: uninstall() deletes the wrapper from ``owner``.
+        self.inherited = False
 
 
 _lock = RLock()
@@ -97,7 +99,10 @@ def uninstall() -> None:
                 _unbind_instances(record)
             current = vars(record.owner).get(record.attr)
             if current is record.wrapper:
-                setattr(record.owner, record.attr, record.original)
+                if record.inherited:
+                    delattr(record.owner, record.attr)  # the base's method shows through again
+                else:
+                    setattr(record.owner, record.attr, record.original)
             else:
                 _log.log_once(
                     f"uninstall:{key}",
@@ -195,7 +200,8 @@ def _apply(module: ModuleType, patch: Patch) -> bool:
     *parents, attr = patch.path.split(".")
     for part in parents:
         owner = getattr(owner, part)
-    original = vars(owner)[attr]
+    inherited = patch.inherited and attr not in vars(owner)
+    original = _inherited(owner, attr) if inherited else vars(owner)[attr]
     marker = wrapper_class()
     if isinstance(original, marker):
         return False  # already ours (e.g. state lost by a reload of this module)
@@ -205,9 +211,19 @@ def _apply(module: ModuleType, patch: Patch) -> bool:
         record.wrapper = marker(original, _binding_wrapper(key, record, patch.wrapper, marker))
     else:
         record = _Applied(owner, attr, original, marker(original, patch.wrapper))
+    record.inherited = inherited
     setattr(owner, attr, record.wrapper)
     _applied[key] = record
     return True
+
+
+def _inherited(owner: Any, attr: str) -> Any:
+    """What class ``owner`` inherits as ``attr``: the object in its base's ``__dict__``."""
+    for base in owner.__mro__[1:]:
+        found = vars(base).get(attr)
+        if found is not None:
+            return found
+    raise AttributeError(f"{owner.__name__} has no {attr} to wrap")
 
 
 def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marker: type) -> Any:

@@ -125,10 +125,16 @@ def test_concurrent_tasks_with_distinct_ids_never_see_each_others(install_agent,
         assert recorded.header("X-Request-Id") == "task-" + recorded.path.rsplit("/", 1)[1]
 
 
-def test_run_in_executor_keeps_the_request_scope(install_agent, http_server):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_run_in_executor_keeps_the_request_scope(install_agent, http_server, loop):
     import concurrent.futures
 
     import requests
+
+    run = asyncio.run
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is in the test extras (not Windows)")
+        run = uvloop.run
 
     install_agent()
     seen = []
@@ -146,7 +152,7 @@ def test_run_in_executor_keeps_the_request_scope(install_agent, http_server):
             await asyncio.gather(*(one(n, pool) for n in range(200)))
             await asyncio.get_running_loop().run_in_executor(pool, blocking, "none")
 
-    asyncio.run(main())
+    run(main())
     assert sorted(seen[:-1]) == sorted(f"req-{n}" for n in range(200))
     assert seen[-1] is None  # outside a scope, as without the agent
     for recorded in http_server.requests:

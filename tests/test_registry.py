@@ -34,7 +34,10 @@ TARGETS = {
         ("aiohttp.client", "ClientSession", "_request"),
         ("aiohttp.web_app", "Application", "_handle"),
     ],
-    "asyncio": [("asyncio.base_events", "BaseEventLoop", "run_in_executor")],
+    "asyncio": [
+        ("asyncio.base_events", "BaseEventLoop", "run_in_executor"),
+        ("uvloop", "Loop", "run_in_executor"),  # inherited from a Cython type: set on Loop
+    ],
     "starlette": [("starlette.applications", "Starlette", "__call__")],
 }
 
@@ -50,7 +53,9 @@ def current():
             if mod is None:
                 continue
             holder = mod if owner is None else getattr(mod, owner)
-            out[f"{module}:{owner}.{attr}"] = vars(holder)[attr]
+            own = vars(holder)
+            # An inherited method (uvloop's) is the base's while it is not ours.
+            out[f"{module}:{owner}.{attr}"] = own[attr] if attr in own else getattr(holder, attr)
     return out
 def report(originals):
     from agent import registry

@@ -33,7 +33,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "flask": ("flask.app",),
     "httpx": ("httpx",),
     "aiohttp": ("aiohttp.client", "aiohttp.web_app"),
-    "asyncio": ("asyncio.base_events",),
+    "asyncio": ("asyncio.base_events", "uvloop"),
     "starlette": ("starlette.applications",),
 }
 
@@ -59,17 +59,28 @@ class Patch:
     process (an application, never a per-call object): each instance is given
     its own bound wrapper on its first call, so that later calls skip wrapt's
     binding (about 5k instructions a call). See ``agent.registry``.
+
+    ``inherited=True``, for a method a class inherits from a base that cannot be
+    patched (a C or Cython type): the wrapper is set on the class itself, around
+    the method it inherits, and taken off again by ``uninstall()``.
     """
 
-    __slots__ = ("module", "path", "per_instance", "wrapper")
+    __slots__ = ("inherited", "module", "path", "per_instance", "wrapper")
 
     def __init__(
-        self, module: str, path: str, wrapper: Wrapper, *, per_instance: bool = False
+        self,
+        module: str,
+        path: str,
+        wrapper: Wrapper,
+        *,
+        per_instance: bool = False,
+        inherited: bool = False,
     ) -> None:
         self.module = module
         self.path = path
         self.wrapper = wrapper
         self.per_instance = per_instance
+        self.inherited = inherited
 
     def __repr__(self) -> str:
         return f"Patch({self.module}:{self.path})"

@@ -7,8 +7,10 @@ it). Inside a request scope, the function is run in that scope: only the
 agent's own context variable is set, for the call's duration, so no other
 library sees a context it would not have without the agent.
 
-Loaded by the registry when ``asyncio.base_events`` is imported (the event loop
-of the standard library; uvloop's is its own and is not covered).
+Loaded by the registry when ``asyncio.base_events`` (the event loop of the
+standard library) or ``uvloop`` is imported. uvloop's loop is a Cython type that
+cannot be patched; ``uvloop.Loop``, the Python class ``uvloop.new_event_loop()``
+and ``uvloop.run()`` make, is given the wrapper around the method it inherits.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def _in_scope(scope: context.Scope, func: Callable[..., Any]) -> Callable[..., A
     return in_scope
 
 
-PATCHES = (Patch("asyncio.base_events", "BaseEventLoop.run_in_executor", run_in_executor_wrapper),)
+PATCHES = (
+    Patch("asyncio.base_events", "BaseEventLoop.run_in_executor", run_in_executor_wrapper),
+    Patch("uvloop", "Loop.run_in_executor", run_in_executor_wrapper, inherited=True),
+)
 
 __all__ = ["PATCHES", "SUPPORTED", "installed_version"]
