@@ -1,9 +1,10 @@
 """``nox -s upstream``: the instrumented libraries' own test suites, without and with the agent.
 
 For each suite (a pinned sdist of urllib3 2.x, urllib3 1.26, requests, psycopg2,
-flask): download the sdist, install the test dependencies its own files name
-into a venv of its own (cached in ``.upstream-cache/``), with the library from
-the sdist and the agent from this checkout, then run the suite in three modes:
+flask, httpx): download the sdist, install the test dependencies its own files
+name (httpx's names none: a pinned list) into a venv of its own (cached in
+``.upstream-cache/``), with the library from the sdist and the agent from this
+checkout, then run the suite in three modes:
 
 ``plain``     without the agent (the plugin checks it is not even imported);
 ``agent``     under ``talisker-run`` (the plugin checks the wrappers are in place);
@@ -179,6 +180,15 @@ def pyproject_group(group: str) -> Callable[[Path], list[str]]:
     return read
 
 
+def pinned(*requirements: str) -> Callable[[Path], list[str]]:
+    """A fixed list, for an sdist that names no test dependencies of its own (httpx's)."""
+
+    def read(src: Path) -> list[str]:
+        return list(requirements)
+
+    return read
+
+
 def no_requirements(src: Path) -> list[str]:
     """psycopg2's suite is plain unittest: it needs nothing but a runner."""
     return []
@@ -240,6 +250,32 @@ SUITES = [
         ("tests",),
         uv_lock_group("tests"),
         metric="wsgi.requests",
+    ),
+    Suite(
+        "httpx",
+        "httpx",
+        "0.28.1",
+        ("httpx",),
+        ("tests",),
+        # httpx's sdist has its tests but not its requirements.txt: the test part of
+        # that file at the 0.28.1 tag, with the extras it installs httpx with
+        # (brotli, cli, http2, socks, zstd).
+        pinned(
+            "chardet==5.2.0",
+            "cryptography==44.0.0",
+            "pytest==8.3.4",
+            "trio==0.27.0",
+            "trustme==1.2.0",
+            "uvicorn==0.32.1",
+            "brotli",
+            "click==8.*",
+            "pygments==2.*",
+            "rich>=10,<14",
+            "h2>=3,<5",
+            "socksio==1.*",
+            "zstandard>=0.18.0",
+        ),
+        metric="requests.count",
     ),
 ]
 ALIASES = {"urllib3": ["urllib3-2", "urllib3-1.26"]}

@@ -52,6 +52,12 @@ WRAPPED = {
     ],
     "psycopg2": [("psycopg2", "connect")],
     "flask": [("flask.app", "Flask.wsgi_app")],
+    "httpx": [
+        ("httpx", "Client.send"),
+        ("httpx", "AsyncClient.send"),
+        ("httpx", "HTTPTransport.handle_request"),
+        ("httpx", "AsyncHTTPTransport.handle_async_request"),
+    ],
 }
 
 
