@@ -1,7 +1,7 @@
 """``nox -s upstream``: the instrumented libraries' own test suites, without and with the agent.
 
 For each suite (a pinned sdist of urllib3 2.x, urllib3 1.26, requests, psycopg2,
-flask, httpx): download the sdist, install the test dependencies its own files
+flask, httpx, starlette): download the sdist, install the test dependencies its own files
 name (httpx's names none: a pinned list) into a venv of its own (cached in
 ``.upstream-cache/``), with the library from the sdist and the agent from this
 checkout, then run the suite in three modes:
@@ -276,6 +276,17 @@ SUITES = [
             "zstandard>=0.18.0",
         ),
         metric="requests.count",
+    ),
+    Suite(
+        "starlette",
+        "starlette",
+        "1.10.0",
+        ("starlette",),
+        ("tests",),
+        # Its uv.lock pins a certifi release the index does not hold (only its .post1):
+        # the dependency group itself, resolved.
+        pyproject_group("dev"),
+        metric="asgi.requests",
     ),
 ]
 ALIASES = {"urllib3": ["urllib3-2", "urllib3-1.26"]}

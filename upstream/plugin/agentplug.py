@@ -58,6 +58,7 @@ WRAPPED = {
         ("httpx", "HTTPTransport.handle_request"),
         ("httpx", "AsyncHTTPTransport.handle_async_request"),
     ],
+    "starlette": [("starlette.applications", "Starlette.__call__")],
 }
 
 
