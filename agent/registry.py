@@ -158,8 +158,13 @@ def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
                 patch.path,
                 exc_info=True,
             )
-    # One line per instrumentation, once the last of its target modules is in.
-    if applied_now and _log.debug_enabled() and all(p.module in sys.modules for p in patches):
+    # One line per instrumentation, once the last of its target modules is in (and
+    # one more when an optional module comes in later).
+    if (
+        applied_now
+        and _log.debug_enabled()
+        and all(p.module in sys.modules for p in patches if not p.optional)
+    ):
         targets = [f"{p.module}:{p.path}" for p in patches if (p.module, p.path) in _applied]
         what = "instrumented" if declared == "PATCHES" else "kept the API keywords only of"
         try:

@@ -372,6 +372,19 @@ def test_each_instrumentation_installed_is_named_at_debug_with_its_version():
     assert "urllib3.poolmanager:PoolManager.urlopen" in urllib3_line
 
 
+def test_an_optional_module_imported_later_is_named_in_a_line_of_its_own():
+    pytest.importorskip("uvloop", reason="uvloop is in the test extras (not Windows)")
+    proc = run_python(
+        "import agent, asyncio, uvloop",
+        {"TALISKER_ENABLED": "true", "TALISKER_LOG_LEVEL": "DEBUG"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "agent: instrumented asyncio" in line]
+    assert len(lines) == 2, proc.stderr  # asyncio's loop, then uvloop's beside it
+    assert "uvloop:" not in lines[0]
+    assert "uvloop:Loop.run_in_executor" in lines[1]
+
+
 def test_nothing_is_logged_about_instrumentations_at_the_default_level():
     proc = run_python("import agent, requests", {"TALISKER_ENABLED": "true"})
     assert proc.returncode == 0 and proc.stderr == ""

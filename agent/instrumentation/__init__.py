@@ -63,9 +63,12 @@ class Patch:
     ``inherited=True``, for a method a class inherits from a base that cannot be
     patched (a C or Cython type): the wrapper is set on the class itself, around
     the method it inherits, and taken off again by ``uninstall()``.
+
+    ``optional=True``, for a module the application may never import (uvloop
+    beside asyncio): the instrumentation's debug line does not wait for it.
     """
 
-    __slots__ = ("inherited", "module", "path", "per_instance", "wrapper")
+    __slots__ = ("inherited", "module", "optional", "path", "per_instance", "wrapper")
 
     def __init__(
         self,
@@ -75,12 +78,14 @@ class Patch:
         *,
         per_instance: bool = False,
         inherited: bool = False,
+        optional: bool = False,
     ) -> None:
         self.module = module
         self.path = path
         self.wrapper = wrapper
         self.per_instance = per_instance
         self.inherited = inherited
+        self.optional = optional
 
     def __repr__(self) -> str:
         return f"Patch({self.module}:{self.path})"

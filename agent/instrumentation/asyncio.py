@@ -63,7 +63,7 @@ def _in_scope(scope: context.Scope, func: Callable[..., Any]) -> Callable[..., A
 
 PATCHES = (
     Patch("asyncio.base_events", "BaseEventLoop.run_in_executor", run_in_executor_wrapper),
-    Patch("uvloop", "Loop.run_in_executor", run_in_executor_wrapper, inherited=True),
+    Patch("uvloop", "Loop.run_in_executor", run_in_executor_wrapper, inherited=True, optional=True),
 )
 
 __all__ = ["PATCHES", "SUPPORTED", "installed_version"]
