@@ -109,7 +109,8 @@ def upstream(session: nox.Session) -> None:
 
     `nox -s upstream -- urllib3 --mode deadline -- -k timeout`: suites, then options,
     then pytest arguments after a second `--`. Not part of the default sessions: about
-    15 minutes. Needs root (or user namespaces) for `unshare -n`, and PostgreSQL.
+    45 minutes (aiohttp's suite alone about 30). Needs root (or user namespaces) for
+    `unshare -n`, and PostgreSQL.
     """
     session.install("uv")  # reads the suites' uv.lock files; installs are pip's
     session.run("python", "upstream/harness.py", *session.posargs)

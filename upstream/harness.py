@@ -88,6 +88,7 @@ class Suite:
     netns: bool = True  # run in a loopback-only network namespace
     metric: str = ""  # a metric the agent must have sent in the agent modes
     pytest_args: tuple[str, ...] = ()
+    run_timeout: float = 0.0  # the bound of one whole run, if not RUN_TIMEOUT
 
     @property
     def sdist(self) -> str:
@@ -287,6 +288,20 @@ SUITES = [
         # the dependency group itself, resolved.
         pyproject_group("dev"),
         metric="asgi.requests",
+    ),
+    Suite(
+        "aiohttp",
+        "aiohttp",
+        "3.14.5",
+        ("aiohttp",),
+        ("tests",),
+        requirements_file("requirements/test.txt"),
+        metric="requests.count",
+        # Its pytest.ini's addopts run pytest-xdist workers and coverage: replaced by
+        # its marker selection alone, so the suite runs in the one process the
+        # plugin watches, as every other suite does.
+        pytest_args=("-o", "addopts=", "-m", "not dev_mode and not autobahn and not internal"),
+        run_timeout=3600,  # about 4,700 tests in one process: 25 minutes beside two other runs
     ),
 ]
 ALIASES = {"urllib3": ["urllib3-2", "urllib3-1.26"]}
@@ -576,7 +591,7 @@ def _wait(run: Run, child: subprocess.Popen[bytes], output: TextIO) -> int:
         if ended is None and _has_event(run.out, "exit"):
             ended = now
         late = ended is not None and now - ended > EXIT_GRACE
-        if not late and now - started < RUN_TIMEOUT:
+        if not late and now - started < (run.suite.run_timeout or RUN_TIMEOUT):
             continue
         since = "its session ended" if late else "it started"
         output.write(
@@ -701,7 +716,8 @@ def run_problems(run: Run, results: Results, allowed_ids: set[str]) -> list[str]
     """
     problems = []
     if run.hung == "timeout":
-        problems.append(f"killed after {RUN_TIMEOUT} s (stacks in the log)")
+        limit = run.suite.run_timeout or RUN_TIMEOUT
+        problems.append(f"killed after {limit:.0f} s (stacks in the log)")
     elif run.hung:
         culprits = _blocking_tests(run, results)
         unexplained = [c for c in culprits if not c or not _is_allowed(c, allowed_ids)]

@@ -59,6 +59,10 @@ WRAPPED = {
         ("httpx", "AsyncHTTPTransport.handle_async_request"),
     ],
     "starlette": [("starlette.applications", "Starlette.__call__")],
+    "aiohttp": [
+        ("aiohttp.client", "ClientSession._request"),
+        ("aiohttp.web_app", "Application._handle"),
+    ],
 }
 
 
