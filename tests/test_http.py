@@ -725,29 +725,41 @@ class Interrupted(BaseException):
 
 
 @pytest.fixture
-def interrupt_after():
+def interrupt_when_received():
+    """Raise Interrupted in this thread once ``server`` has the request (it then sleeps)."""
     import signal
 
     def handler(signum, frame):
         raise Interrupted
 
     previous = signal.signal(signal.SIGALRM, handler)
+    main = threading.get_ident()
+
+    def arm(server):
+        def watch():
+            waited = time.monotonic() + 30
+            while not server.requests and time.monotonic() < waited:
+                time.sleep(0.01)
+            if server.requests:  # else the test fails on its own, with no signal left behind
+                signal.pthread_kill(main, signal.SIGALRM)
+
+        threading.Thread(target=watch, daemon=True).start()
+
     try:
-        yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield arm
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
-def interrupted_call(http_server, interrupt_after, client):
-    url = http_server.url + "/delay/3"
+def interrupted_call(http_server, interrupt_when_received, client):
+    url = http_server.url + "/delay/5"
     started = time.perf_counter()
-    interrupt_after(0.3)  # while the server sleeps: the client waits for its answer
+    interrupt_when_received(http_server)  # while the server sleeps: the client waits for it
     with pytest.raises(Interrupted):
         if client == "requests":
             requests.get(url)
         elif client == "urllib3-pool":
-            urllib3.HTTPConnectionPool("127.0.0.1", http_server.port).urlopen("GET", "/delay/3")
+            urllib3.HTTPConnectionPool("127.0.0.1", http_server.port).urlopen("GET", "/delay/5")
         else:
             urllib3.PoolManager().request("GET", url, retries=False)
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -757,10 +769,10 @@ def interrupted_call(http_server, interrupt_after, client):
 
 @pytest.mark.parametrize("client", ["requests", "urllib3-pool", "urllib3-manager"])
 def test_a_call_interrupted_by_its_caller_is_a_499_not_an_error(
-    install_agent, statsd, http_server, interrupt_after, client
+    install_agent, statsd, http_server, interrupt_when_received, client
 ):
     install_agent()
-    elapsed_ms = interrupted_call(http_server, interrupt_after, client)
+    elapsed_ms = interrupted_call(http_server, interrupt_when_received, client)
     sent(statsd)
     assert statsd.wait_total(COUNT, 1, status="499") == 1
     assert statsd.total(COUNT) == 1  # once, whatever the layers
@@ -772,13 +784,13 @@ def test_a_call_interrupted_by_its_caller_is_a_499_not_an_error(
 
 @pytest.mark.parametrize("client", ["requests", "urllib3-pool"])
 def test_an_interrupted_call_is_no_outcome_for_the_circuit_breaker(
-    install_agent, statsd, http_server, interrupt_after, client, monkeypatch
+    install_agent, statsd, http_server, interrupt_when_received, client, monkeypatch
 ):
     from agent.http import breaker
 
     monkeypatch.setattr(breaker, "_breakers", {})
     install_agent(TALISKER_CIRCUIT_BREAKER=f"{http_server.netloc}=0.5/1/30/10")
-    interrupted_call(http_server, interrupt_after, client)
+    interrupted_call(http_server, interrupt_when_received, client)
     circuit = breaker._breakers[http_server.netloc]
     assert circuit.state == breaker.CLOSED
     assert sum(b[1] + b[2] for b in circuit._buckets) == 0  # neither a success nor a failure
