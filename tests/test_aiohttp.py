@@ -310,3 +310,47 @@ def test_a_call_cancelled_by_its_caller_is_a_499_not_an_error(install_agent, sta
     assert statsd.total(ERRORS) == 0
     (latency,) = statsd.samples("talisker.requests.latency", status="499")
     assert 0 < latency <= elapsed[0]
+
+
+def test_a_failed_requests_objects_are_freed_without_the_cycle_collector():
+    # aiohttp's own tests/isolated/check_for_request_leak.py, under the agent: the
+    # record of a failed request once held the exception, whose traceback held the
+    # record's frame: a cycle with aiohttp's Request in it.
+    from tests.support.proc import check_python
+
+    out = check_python(
+        """
+        import asyncio, gc
+        import agent
+        import aiohttp
+        from aiohttp import web
+        from aiohttp.test_utils import get_unused_port_socket
+
+        async def fail(request):
+            await request.json()  # no body: raises
+
+        async def main():
+            app = web.Application()
+            app.router.add_get("/json", fail)
+            sock = get_unused_port_socket("127.0.0.1")
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{sock.getsockname()[1]}/json"
+                async with session.get(url) as response:
+                    assert response.status == 500
+            await asyncio.sleep(0.5)
+            gc.collect()
+            kept = sorted({type(o).__name__ for o in gc.garbage} & {"Request", "Exchange"})
+            gc.set_debug(0)
+            await runner.cleanup()
+            print("kept:", kept)
+
+        asyncio.run(main())
+        """,
+        {"TALISKER_ENABLED": "true", "TALISKER_METRICS_ENABLED": "false"},
+    )
+    assert out.strip().splitlines()[-1] == "kept: []"

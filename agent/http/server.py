@@ -138,6 +138,10 @@ def finish(request: Request) -> None:
         latency_ms = (_perf_counter() - request.start) * 1000.0
         status = request.status
         failed = request.error is not None
+        if failed:
+            # Its traceback holds the frames that hold this record: kept, that would be
+            # a cycle (with the framework's request in it) only the collector frees.
+            request.error = None
         if status is None:
             status = 500
         elif not failed and not request.complete:
