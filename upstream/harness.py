@@ -1,10 +1,10 @@
 """``nox -s upstream``: the instrumented libraries' own test suites, without and with the agent.
 
 For each suite (a pinned sdist of urllib3 2.x, urllib3 1.26, requests, psycopg2,
-flask, httpx, starlette): download the sdist, install the test dependencies its own files
-name (httpx's names none: a pinned list) into a venv of its own (cached in
-``.upstream-cache/``), with the library from the sdist and the agent from this
-checkout, then run the suite in three modes:
+flask, httpx, starlette, aiohttp): download the sdist, install the test
+dependencies its own files name (httpx's names none: a pinned list) into a venv
+of its own (cached in ``.upstream-cache/``), with the library from the sdist and
+the agent from this checkout, then run the suite in three modes:
 
 ``plain``     without the agent (the plugin checks it is not even imported);
 ``agent``     under ``talisker-run`` (the plugin checks the wrappers are in place);
@@ -88,7 +88,7 @@ class Suite:
     netns: bool = True  # run in a loopback-only network namespace
     metric: str = ""  # a metric the agent must have sent in the agent modes
     pytest_args: tuple[str, ...] = ()
-    run_timeout: float = 0.0  # the bound of one whole run, if not RUN_TIMEOUT
+    run_timeout: float = RUN_TIMEOUT  # the bound of one whole run
 
     @property
     def sdist(self) -> str:
@@ -182,17 +182,13 @@ def pyproject_group(group: str) -> Callable[[Path], list[str]]:
 
 
 def pinned(*requirements: str) -> Callable[[Path], list[str]]:
-    """A fixed list, for an sdist that names no test dependencies of its own (httpx's)."""
+    """A fixed list, for an sdist that names no test dependencies of its own (httpx's;
+    psycopg2's suite is plain unittest and needs none but a runner: ``pinned()``)."""
 
     def read(src: Path) -> list[str]:
         return list(requirements)
 
     return read
-
-
-def no_requirements(src: Path) -> list[str]:
-    """psycopg2's suite is plain unittest: it needs nothing but a runner."""
-    return []
 
 
 def _normalise(name: str) -> str:
@@ -239,7 +235,7 @@ SUITES = [
         "2.9.13",
         ("psycopg2",),
         ("tests",),
-        no_requirements,
+        pinned(),
         netns=False,  # needs the PostgreSQL server of the host's network
         metric="sql.queries",
     ),
@@ -591,7 +587,7 @@ def _wait(run: Run, child: subprocess.Popen[bytes], output: TextIO) -> int:
         if ended is None and _has_event(run.out, "exit"):
             ended = now
         late = ended is not None and now - ended > EXIT_GRACE
-        if not late and now - started < (run.suite.run_timeout or RUN_TIMEOUT):
+        if not late and now - started < run.suite.run_timeout:
             continue
         since = "its session ended" if late else "it started"
         output.write(
@@ -716,8 +712,7 @@ def run_problems(run: Run, results: Results, allowed_ids: set[str]) -> list[str]
     """
     problems = []
     if run.hung == "timeout":
-        limit = run.suite.run_timeout or RUN_TIMEOUT
-        problems.append(f"killed after {limit:.0f} s (stacks in the log)")
+        problems.append(f"killed after {run.suite.run_timeout:.0f} s (stacks in the log)")
     elif run.hung:
         culprits = _blocking_tests(run, results)
         unexplained = [c for c in culprits if not c or not _is_allowed(c, allowed_ids)]
