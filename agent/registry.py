@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from _thread import RLock
+from functools import partial
 from types import FunctionType, MethodType
 
 from agent import _log
@@ -31,7 +32,7 @@ __all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "uninstall
 
 
 class _Applied:
-    __slots__ = ("attr", "inherited", "instances", "original", "owner", "wrapper")
+    __slots__ = ("attr", "bound_call", "inherited", "instances", "original", "owner", "wrapper")
 
     def __init__(self, owner: Any, attr: str, original: Any, wrapper: Any) -> None:
         self.owner = owner
@@ -42,6 +43,8 @@ class _Applied:
         self.instances: Any = None
         #: The original is a base class's: uninstall() deletes the wrapper from ``owner``.
         self.inherited = False
+        #: A per-instance patch's ``bound_call``, named as the original, else ``None``.
+        self.bound_call: Any = None
 
 
 _lock = RLock()
@@ -214,6 +217,14 @@ def _apply(module: ModuleType, patch: Patch) -> bool:
     if patch.per_instance and isinstance(original, FunctionType):
         record = _Applied(owner, attr, original, None)
         record.wrapper = marker(original, _binding_wrapper(key, record, patch.wrapper, marker))
+        if patch.bound_call is not None:
+            record.bound_call = _named_like(patch.bound_call, original)
+            if record.bound_call is None:
+                _log.debug(
+                    "agent: %s:%s does not take the parameters its bound call does; "
+                    "instances are bound through wrapt",
+                    *key,
+                )
     else:
         record = _Applied(owner, attr, original, marker(original, patch.wrapper))
     record.inherited = inherited
@@ -271,7 +282,9 @@ def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marke
             return
         from weakref import ref
 
-        bound = marker(MethodType(original, instance), wrapper)
+        method = MethodType(original, instance)
+        call = record.bound_call
+        bound = marker(method, wrapper) if call is None else _BoundCall(call, method)
         with _lock:
             if _applied.get(key) is not record:
                 return  # uninstalled meanwhile
@@ -285,6 +298,54 @@ def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marke
             instances[id(instance)] = ref(instance, _forget(instances, id(instance)))
 
     return binding
+
+
+class _BoundCall(partial):  # type: ignore[type-arg]
+    # An instance's own binding of a per-instance patch with a ``bound_call``:
+    # ``bound_call(method, *args)``, called by partial's C code. It shows the bound
+    # method it stands for: its attributes (``__self__``, ``__func__``, ``__name__``),
+    # its ``__wrapped__`` (so inspect.signature gives the method's) and its repr.
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.args[0], name)
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self.args[0]
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self.args[0].__doc__  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return repr(self.args[0])
+
+
+#: Code flags that change how a call's arguments are taken: ``*args``, ``**kwargs``.
+_CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08
+
+
+def _named_like(call: Any, original: Any) -> Any:
+    """A copy of ``call`` named as ``original``, if after the first parameter both take
+    the same ones (so that a call that does not fit is refused with the original's
+    message); else ``None``."""
+    code, theirs = getattr(call, "__code__", None), original.__code__
+    if code is None or not (
+        code.co_argcount == theirs.co_argcount
+        and code.co_posonlyargcount == theirs.co_posonlyargcount
+        and code.co_kwonlyargcount == theirs.co_kwonlyargcount
+        and code.co_varnames[1 : code.co_argcount] == theirs.co_varnames[1 : theirs.co_argcount]
+        and not (code.co_flags ^ theirs.co_flags) & (_CO_VARARGS | _CO_VARKEYWORDS)
+        and call.__defaults__ == original.__defaults__
+        and call.__kwdefaults__ == original.__kwdefaults__
+    ):
+        return None
+    globals_, closure = call.__globals__, call.__closure__
+    named = FunctionType(code, globals_, original.__name__, call.__defaults__, closure)
+    named.__qualname__ = original.__qualname__
+    named.__kwdefaults__ = call.__kwdefaults__
+    return named
 
 
 def _forget(instances: dict[int, Any], ident: int) -> Any:
@@ -304,7 +365,7 @@ def _unbind_instances(record: _Applied) -> None:
         if type(own) is not dict:
             continue
         bound = own.get(record.attr)
-        if isinstance(bound, marker) and getattr(bound, "__self__", None) is instance:
+        if isinstance(bound, (marker, _BoundCall)) and getattr(bound, "__self__", None) is instance:
             del own[record.attr]
     record.instances = None
 

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     F = TypeVar("F", bound=Callable[..., Any])
     StartResponse = Callable[..., Any]
     WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+    #: ``serve(app, environ, start_response)``: what :func:`app_server` makes.
+    Serve = Callable[[WSGIApp, dict[str, Any], StartResponse], Iterable[bytes]]
     #: wrapt's wrapper signature: ``(wrapped, instance, args, kwargs)``.
     AppWrapper = Callable[
         [Callable[..., Iterable[bytes]], Any, tuple[Any, ...], dict[str, Any]], Iterable[bytes]
@@ -72,40 +74,37 @@ class TaliskerMiddleware:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        return _serve(self.app, None, (environ, start_response), _NO_KWARGS)
+        return _serve(self.app, environ, start_response)
 
 
-def app_wrapper(
+def app_server(
     view_of: Callable[[dict[str, Any]], str | None] | None = None,
-) -> AppWrapper:
-    """A wrapt wrapper ``(wrapped, instance, args, kwargs)`` of a WSGI application callable.
+) -> Serve:
+    """A function ``serve(app, environ, start_response)`` that serves one WSGI request.
 
-    Each call ``wrapped(environ, start_response)`` is served inside a request scope;
+    Each call ``app(environ, start_response)`` is served inside a request scope;
     ``view_of(environ)``, when given, names the view once the application starts its
     response. An outer layer that already handles the request (``TaliskerMiddleware``
     around an instrumented Flask application) is left to it, and told of ``view_of``.
-    One function per integration, so that its wrapt wrapper is the request's one
-    frame of the agent until the response is started (shared by the integrations).
+    One function per integration, so that it is the request's one frame of the agent
+    until the response is started (shared by the integrations). Its parameters are
+    named as a WSGI application's, so that an application bound to it (see
+    :func:`agent.registry`'s ``bound_call``) refuses a bad call as the original would.
     """
 
-    def wrapper(
-        wrapped: Callable[..., Iterable[bytes]],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+    def serve(
+        wsgi_app: Callable[..., Iterable[bytes]],
+        environ: dict[str, Any],
+        start_response: StartResponse,
     ) -> Iterable[bytes]:
         cfg = config.current
-        if cfg is None or kwargs:
-            return wrapped(*args, **kwargs)  # off, or not a WSGI call
-        try:
-            environ, start_response = args
-        except ValueError:
-            return wrapped(*args)  # not a WSGI call
+        if cfg is None:
+            return wsgi_app(environ, start_response)  # off
         if "talisker.request" in environ:  # an outer layer handles this request
             outer = environ["talisker.request"]
             if view_of is not None and outer is not None and outer.view is None:
                 environ.setdefault("talisker.view_of", view_of)  # let it name the view
-            return wrapped(environ, start_response)
+            return wsgi_app(environ, start_response)
         try:
             keys = _keys
             if keys.config is not cfg:
@@ -159,10 +158,10 @@ def app_wrapper(
                     environ["requests"] = _thread.session = _get_session()
         except Exception:
             _log.log_once("wsgi-begin", "agent: reading a WSGI request failed", exc_info=True)
-            return wrapped(environ, start_response)
+            return wsgi_app(environ, start_response)
         scope_token = request._scope_token = _set_scope(scope)  # the scope carries the request
         try:
-            body = wrapped(environ, request.start_response)
+            body = wsgi_app(environ, request.start_response)
         except BaseException as exc:
             request.error = exc
             request._environ = None
@@ -188,12 +187,24 @@ def app_wrapper(
         request._body = body
         return request
 
+    return serve
+
+
+def app_wrapper(serve: Serve) -> AppWrapper:
+    """The wrapt wrapper ``(wrapped, instance, args, kwargs)`` that hands a WSGI call to
+    ``serve`` (from :func:`app_server`); any other call goes through untouched."""
+
+    def wrapper(
+        wrapped: Callable[..., Iterable[bytes]],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Iterable[bytes]:
+        if kwargs or len(args) != 2:
+            return wrapped(*args, **kwargs)  # not a WSGI call
+        return serve(wrapped, args[0], args[1])
+
     return wrapper
-
-
-_NO_KWARGS: dict[str, Any] = {}  # never changed: what TaliskerMiddleware passes as kwargs
-#: What ``TaliskerMiddleware`` serves a request with: no view_of of its own.
-_serve = app_wrapper()
 
 
 class _Exchange(Request):
@@ -457,3 +468,7 @@ def request_timeout(timeout_ms: float | None = None, soft_timeout_ms: float | No
         return timed_view  # type: ignore[return-value]
 
     return decorator
+
+
+#: What ``TaliskerMiddleware`` serves a request with: no view_of of its own.
+_serve = app_server()

@@ -325,3 +325,37 @@ def test_each_instrumentation_declares_the_versions_it_supports_and_the_installe
     for name in registry.TARGETS:
         instrumentation = importlib.import_module(f"agent.instrumentation.{name}")
         assert supports(instrumentation.SUPPORTED, instrumentation.installed_version()), name
+
+
+@pytest.mark.parametrize(
+    ("bound_call", "kind"),
+    [
+        ("inst.serve", "_BoundCall"),  # Flask's: the same parameters after the first
+        ("lambda method, env, start_response: inst.serve(method, env, start_response)", None),
+        ("lambda method, environ, start_response=None: None", None),
+        ("lambda method, *args: None", None),
+    ],
+)
+def test_an_instance_is_bound_to_a_bound_call_only_if_it_takes_the_originals_parameters(
+    bound_call, kind
+):
+    state = run(
+        f"""
+        import agent, flask
+        from agent.instrumentation import Patch
+        import agent.instrumentation.flask as inst
+        patch = Patch("flask.app", "Flask.wsgi_app", inst.PATCHES[0].wrapper,
+                      per_instance=True, bound_call={bound_call})
+        inst.PATCHES = (patch,)
+        agent.uninstall()
+        agent.install()
+        app = flask.Flask("x")
+        app.route("/")(lambda: "ok")
+        with app.test_client() as client:
+            views = [client.get("/").headers.get("X-View-Name") for _ in range(2)]
+        print(json.dumps({{"kind": type(vars(app)["wsgi_app"]).__name__, "views": views}}))
+        """
+    )
+    # one that does not fit would refuse bad calls with its own message: wrapt instead
+    assert state["kind"] == (kind or "AgentWrapper")
+    assert state["views"] == ["<lambda>", "<lambda>"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from types import MethodType
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import flask
@@ -606,9 +608,16 @@ def test_an_application_keeps_its_own_bound_wrapper_until_the_agent_is_uninstall
         bound = vars(app)["wsgi_app"]  # the first request gave the app its own
         second = requests.get(url + "/users/2", headers={"X-Request-Id": "bound-2"})
         assert vars(app)["wsgi_app"] is bound
-        assert isinstance(bound, registry.wrapper_class())
+        # partial(serve, app's bound method): no wrapt call, and it shows the method
+        assert isinstance(bound, registry._BoundCall)
+        original = vars(flask.Flask)["wsgi_app"].__wrapped__
         assert bound.__self__ is app
-        assert bound.__wrapped__.__func__ is vars(flask.Flask)["wsgi_app"].__wrapped__
+        assert bound.__func__ is original
+        assert bound.__wrapped__.__func__ is original
+        assert bound.__name__ == "wsgi_app" and bound.__qualname__ == "Flask.wsgi_app"
+        assert bound.__doc__ == original.__doc__
+        assert repr(bound) == repr(MethodType(original, app))
+        assert inspect.signature(bound) == inspect.signature(MethodType(original, app))
         assert [first.headers["X-Request-Id"], second.headers["X-Request-Id"]] == [
             "bound-1",
             "bound-2",
@@ -623,6 +632,43 @@ def test_an_application_keeps_its_own_bound_wrapper_until_the_agent_is_uninstall
         assert again.headers["X-Request-Id"] == "bound-4"
         assert vars(app)["wsgi_app"] is not bound
     assert counted(statsd, 3, view="show_user") == 3
+
+
+def _refusals(app):
+    """What each call of ``app.wsgi_app`` that does not fit its parameters raises."""
+    calls = [(({},), {}), (({}, None, None), {}), (({}, None), {"x": 1}), (({},), {"environ": {}})]
+    refused = []
+    for args, kwargs in calls:
+        with pytest.raises(TypeError) as caught:
+            app.wsgi_app(*args, **kwargs)
+        refused.append(str(caught.value))
+    return refused
+
+
+def test_a_bound_application_refuses_a_call_that_does_not_fit_as_flask_would(install_agent, statsd):
+    plain = _refusals(flask_app())
+    assert plain[0] == "Flask.wsgi_app() missing 1 required positional argument: 'start_response'"
+    install_agent()
+    app = flask_app()
+    with serve(app) as url:
+        requests.get(url + "/users/1")
+    assert "wsgi_app" in vars(app)  # bound: partial's C code checks the call
+    assert _refusals(app) == plain
+    # and keywords that fit are served, as the original takes them
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/users/5",
+        "SERVER_NAME": "x",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+    }
+    started = []
+    body = app.wsgi_app(environ=environ, start_response=lambda s, h, e=None: started.append(h))
+    try:
+        assert b"".join(body)
+    finally:
+        body.close()
+    assert ("X-View-Name", "show_user") in started[0]
 
 
 class _OwnWsgiApp(flask.Flask):

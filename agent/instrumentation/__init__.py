@@ -58,7 +58,13 @@ class Patch:
     ``per_instance=True``, for a method of objects that live as long as the
     process (an application, never a per-call object): each instance is given
     its own bound wrapper on its first call, so that later calls skip wrapt's
-    binding (about 5k instructions a call). See ``agent.registry``.
+    binding (about 5k instructions a call). See ``agent.registry``. With
+    ``bound_call``, a function ``(method, *params)`` that takes the method bound
+    to its instance and then the method's own parameters (named as the
+    original's), the instance is given ``functools.partial(bound_call, method)``
+    instead of a wrapt bound wrapper: no wrapt call, no ``args`` tuple or
+    ``kwargs`` dict per call (about 1.9k instructions less). A call that does not
+    fit the parameters is refused as the original would refuse it, same message.
 
     ``inherited=True``, for a method a class inherits from a base that cannot be
     patched (a C or Cython type): the wrapper is set on the class itself, around
@@ -68,7 +74,15 @@ class Patch:
     beside asyncio): the instrumentation's debug line does not wait for it.
     """
 
-    __slots__ = ("inherited", "module", "optional", "path", "per_instance", "wrapper")
+    __slots__ = (
+        "bound_call",
+        "inherited",
+        "module",
+        "optional",
+        "path",
+        "per_instance",
+        "wrapper",
+    )
 
     def __init__(
         self,
@@ -77,6 +91,7 @@ class Patch:
         wrapper: Wrapper,
         *,
         per_instance: bool = False,
+        bound_call: Callable[..., Any] | None = None,
         inherited: bool = False,
         optional: bool = False,
     ) -> None:
@@ -84,6 +99,7 @@ class Patch:
         self.path = path
         self.wrapper = wrapper
         self.per_instance = per_instance
+        self.bound_call = bound_call
         self.inherited = inherited
         self.optional = optional
 

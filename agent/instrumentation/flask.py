@@ -41,12 +41,22 @@ def installed_version() -> str:
     return version("flask")
 
 
-#: Around ``Flask.wsgi_app(environ, start_response)``: the request is served by this
-#: one wrapper (``agent.wsgi``'s, naming the view by the endpoint), no frame between.
-wsgi_app_wrapper = wsgi.app_wrapper(_endpoint)
+#: ``Flask.wsgi_app(environ, start_response)`` is served by this one function
+#: (``agent.wsgi``'s, naming the view by the endpoint).
+serve = wsgi.app_server(_endpoint)
 
 #: Per instance: an application lives as long as its process, and ``Flask.__call__``
-#: looks ``self.wsgi_app`` up on every request (see ``agent.registry``).
-PATCHES = (Patch("flask.app", "Flask.wsgi_app", wsgi_app_wrapper, per_instance=True),)
+#: looks ``self.wsgi_app`` up on every request (see ``agent.registry``). Bound to
+#: ``serve`` itself, with no wrapt call between; the class's wrapper hands a call to
+#: an application not bound yet (or never: a subclass's override) to it.
+PATCHES = (
+    Patch(
+        "flask.app",
+        "Flask.wsgi_app",
+        wsgi.app_wrapper(serve),
+        per_instance=True,
+        bound_call=serve,
+    ),
+)
 
 __all__ = ["PATCHES", "SUPPORTED", "installed_version"]
