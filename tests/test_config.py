@@ -284,6 +284,28 @@ def test_a_bare_tag_is_sent_bare(install_agent, statsd):
     assert m.tags == ["peer:a", "team:core", "canary"]
 
 
+def test_datadog_tags_as_the_datadog_client_reads_them_are_sent_once_each(install_agent, statsd):
+    cfg = load({"DATADOG_TAGS": "team:core, blue sky ,,canary"}, strict=True)
+    assert cfg.datadog_tags == ("team:core", "blue sky", "canary")  # split on commas only
+    install_agent(DD_TAGS="team:core", DATADOG_TAGS="team:core,region:eu,canary", DD_ENV="prod")
+    metrics.count("requests.count", 1, (("peer", "a"),))
+    assert statsd.wait_total("talisker.requests.count", 1) == 1
+    (m,) = statsd.find("talisker.requests.count")
+    assert m.tags == ["peer:a", "env:prod", "team:core", "region:eu", "canary"]
+
+
+def test_a_bad_datadog_tag_is_named_and_the_good_ones_kept(caplog):
+    with caplog.at_level(logging.WARNING, logger="agent"):
+        cfg = load({"DATADOG_TAGS": "team:core,:orphan,url:http://bob:s3cr3t@h/x"})
+    assert cfg.datadog_tags[0] == "team:core" and len(cfg.datadog_tags) == 2
+    assert "s3cr3t" not in cfg.datadog_tags[1]
+    (warning,) = _agent_messages(caplog).splitlines()
+    assert "DATADOG_TAGS" in warning and "':orphan'" in warning and "s3cr3t" not in warning
+    with pytest.raises(ConfigError) as info:
+        load({"DATADOG_TAGS": ":orphan"}, strict=True)
+    assert info.value.variables == ["DATADOG_TAGS"]
+
+
 # -- every problem named ---------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from agent.config.parsers import (
     InvalidValue,
     parse_bool,
     parse_circuit_breakers,
+    parse_datadog_tags,
     parse_deadline_headers,
     parse_endpoint_names,
     parse_header_name,
@@ -229,6 +230,13 @@ class Config:
         parse_tags,
         (),
         "Constant tags: `key:value` pairs or bare `key` tags, separated by commas or spaces.",
+        shown_default="empty",
+    )
+    datadog_tags: tuple[str, ...] = setting(
+        "DATADOG_TAGS",
+        parse_datadog_tags,
+        (),
+        "More constant tags, separated by commas, as the Datadog client reads them.",
         shown_default="empty",
     )
     metrics_prefix = setting(

@@ -264,9 +264,24 @@ def parse_tags(raw: str) -> tuple[str, ...]:
 
     As the Datadog agent and ddtrace read ``DD_TAGS``; DogStatsD carries a bare tag.
     """
+    return _tag_items(raw.replace(",", " ").split(), "separated by commas or spaces")
+
+
+def parse_datadog_tags(raw: str) -> tuple[str, ...]:
+    """``key:value`` pairs or bare ``key`` tags, separated by commas.
+
+    As the Datadog client's DogStatsD reads ``DATADOG_TAGS`` (a space is part of a
+    tag there, and becomes ``_`` once the tag is sanitised).
+    """
+    return _tag_items(
+        [item.strip() for item in raw.split(",") if item.strip()], "separated by commas"
+    )
+
+
+def _tag_items(items: list[str], separated: str) -> tuple[str, ...]:
     tags = []
     bad = []
-    for item in raw.replace(",", " ").split():
+    for item in items:
         key, sep, value = item.partition(":")
         if not key or (sep and not value):
             bad.append(item)
@@ -277,7 +292,7 @@ def parse_tags(raw: str) -> tuple[str, ...]:
             tags.append(item)
     if bad:
         raise InvalidValue(
-            "key:value pairs or bare keys, separated by commas or spaces",
+            f"key:value pairs or bare keys, {separated}",
             salvaged=tuple(tags),
             bad_items=tuple(bad),
         )

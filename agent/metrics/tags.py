@@ -114,8 +114,9 @@ def sanitize_tag_value(value: object) -> str:
 
 
 def constant_tags(config: Config) -> list[str]:
-    """``service``/``env``/``version`` from ``DD_SERVICE`` etc., then ``DD_TAGS``, bare or not."""
-    tags = []
+    """``service``/``env``/``version`` from ``DD_SERVICE`` etc., then ``DD_TAGS`` and
+    ``DATADOG_TAGS``, bare or not; each tag once."""
+    tags: list[str] = []
     for key, value in (
         ("service", config.service),
         ("env", config.env),
@@ -123,12 +124,14 @@ def constant_tags(config: Config) -> list[str]:
     ):
         if value:
             tags.append(f"{key}:{sanitize_tag_value(value)}")
-    for item in config.tags:
+    for item in (*config.tags, *config.datadog_tags):
         key, sep, value = item.partition(":")
         # A bare tag (DD_TAGS="canary") stays bare, as the Datadog agent sends it.
-        tags.append(
+        tag = (
             f"{sanitize_tag_key(key)}:{sanitize_tag_value(value)}" if sep else sanitize_tag_key(key)
         )
+        if tag not in tags:
+            tags.append(tag)
     return tags
 
 
