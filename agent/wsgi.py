@@ -92,6 +92,11 @@ def app_server(
     :func:`agent.registry`'s ``bound_call``) refuses a bad call as the original would.
     """
 
+    exchange = _Exchange
+    if view_of is not None:  # read from the class: one store less per request
+        attrs = {"__slots__": (), "__doc__": _Exchange.__doc__, "_view_of": staticmethod(view_of)}
+        exchange = type("_Exchange", (_Exchange,), attrs)  # type: ignore[assignment]
+
     def serve(
         wsgi_app: Callable[..., Iterable[bytes]],
         environ: dict[str, Any],
@@ -116,7 +121,7 @@ def app_server(
             # An _Exchange without the cost of a Python __init__: every slot is set here
             # or, _body and _scope_token, before it is read (tests/test_wsgi.py checks
             # that none is left out).
-            request = _new(_Exchange)
+            request = _new(exchange)
             if (
                 deadline_header is None
                 and timeout_header is None
@@ -142,10 +147,8 @@ def app_server(
             request.error = None
             request.complete = False
             request.finished = False
-            request.kind = "wsgi"
             request._environ = environ
             request._start_response = start_response
-            request._view_of = view_of
             request._keys = keys
             request.start = _perf_counter()  # where Request.__init__ reads them, as before
             request.cpu = _thread_time()
@@ -221,14 +224,16 @@ class _Exchange(Request):
         "_keys",
         "_scope_token",
         "_start_response",
-        "_view_of",
     )
     _body: Iterable[bytes] | None
     _environ: dict[str, Any] | None
     _keys: _Keys
     _scope_token: Any
     _start_response: StartResponse
-    _view_of: Callable[[dict[str, Any]], str | None] | None
+    #: Class attributes, never set on an exchange: read without a store per request.
+    kind = "wsgi"
+    #: Names the view from the environ: an integration's subclass sets it (app_server).
+    _view_of: Callable[[dict[str, Any]], str | None] | None = None
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = _NO_EXC_INFO
@@ -260,16 +265,18 @@ class _Exchange(Request):
                 environ: Any = self._environ
                 view_of = self._view_of
                 if view_of is not None:
-                    view = view_of(environ)
+                    view = view_of(environ)  # a str or None
                 if not view:
                     inner = environ.get("talisker.view_of")  # set by an integration inside us
                     view = (inner(environ) if inner is not None else None) or environ.get(
                         "talisker.view"
                     )
+                    if view:
+                        view = str(view)  # the application's: any object
             if view:
-                self.view = str(view)
+                self.view = view
                 if sent_view is None:
-                    headers.append((VIEW_HEADER, self.view))
+                    headers.append((VIEW_HEADER, view))
             else:
                 self.view = sent_view
         except Exception:

@@ -151,10 +151,16 @@ def finish(request: Request) -> None:
         error = failed or status >= 500
         view = request.view or "unknown"
         kind = request.kind
-        metrics.record_deferred(
-            expand_requests if kind == "wsgi" else _EXPANDERS[kind],
-            (view, request.method, status, latency_ms, cpu_ms, error),
-        )
+        payload = (view, request.method, status, latency_ms, cpu_ms, error)
+        # metrics.record_deferred, its common case inline: the queue is there already.
+        pipeline = metrics._pipeline
+        if pipeline is not None:
+            expand = expand_requests if kind == "wsgi" else _EXPANDERS[kind]
+            queue = pipeline.deferred.get(expand)
+            if queue is None or pipeline.thread is None:
+                metrics.record_deferred(expand, payload)
+            else:
+                queue.append(payload)
         soft = request.soft_timeout
         if soft is not None and latency_ms > soft * 1000.0:
             name = kind + ".soft_timeouts"
