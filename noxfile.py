@@ -83,8 +83,9 @@ def bench(session: nox.Session) -> None:
 
     `benchmarks/summary.py` runs the wall-clock scripts (start-up, metric call,
     HTTP, SQL, WSGI: about 5 minutes) and the callgrind instruction counts
-    (about 20 minutes with two heap layouts), then prints one table per path
-    in both measures and the targets marked pass or over (docs/benchmarks.md).
+    (about 25 minutes: two heap layouts a row, four for by hand and agent), then
+    prints one table per path in both measures and the targets marked pass or
+    over (docs/benchmarks.md).
     `nox -s bench -- instructions` runs only the counts, `-- timing` only the
     wall-clock scripts; `-- --quick` checks the harness in a few minutes.
     """

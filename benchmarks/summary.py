@@ -51,7 +51,7 @@ WALL = {
     ),
     "wsgi_overhead.py": (("wsgi",), [], ["--requests", "200", "--rounds", "6"]),
 }
-QUICK_INSTRUCTIONS = ["--layouts", "1", "--small", "20", "--big", "60"]
+QUICK_INSTRUCTIONS = ["--layouts", "1", "--judged-layouts", "1", "--small", "20", "--big", "60"]
 QUICK_INSTRUCTIONS += ["--peer-small", "20", "--peer-big", "60"]
 PATH_NAMES = {
     "urllib3": "urllib3 keep-alive GET, deadline",
