@@ -218,7 +218,10 @@ def _apply(module: ModuleType, patch: Patch) -> bool:
         record = _Applied(owner, attr, original, None)
         record.wrapper = marker(original, _binding_wrapper(key, record, patch.wrapper, marker))
         if patch.bound_call is not None:
-            record.bound_call = _named_like(patch.bound_call, original)
+            try:
+                record.bound_call = _named_like(patch.bound_call, original)
+            except Exception:  # the patch still goes in, bound through wrapt
+                record.bound_call = None
             if record.bound_call is None:
                 _log.debug(
                     "agent: %s:%s does not take the parameters its bound call does; "

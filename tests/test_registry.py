@@ -334,6 +334,7 @@ def test_each_instrumentation_declares_the_versions_it_supports_and_the_installe
         ("lambda method, env, start_response: inst.serve(method, env, start_response)", None),
         ("lambda method, environ, start_response=None: None", None),
         ("lambda method, *args: None", None),
+        ("print", None),  # no code to copy: a builtin
     ],
 )
 def test_an_instance_is_bound_to_a_bound_call_only_if_it_takes_the_originals_parameters(
