@@ -334,21 +334,25 @@ def _named_like(call: Any, original: Any) -> Any:
     the same ones (so that a call that does not fit is refused with the original's
     message); else ``None``."""
     code, theirs = getattr(call, "__code__", None), original.__code__
-    if code is None or not (
+    if code is None:
+        return None
+    named = code.co_argcount + code.co_kwonlyargcount
+    if not (
         code.co_argcount == theirs.co_argcount
         and code.co_posonlyargcount == theirs.co_posonlyargcount
         and code.co_kwonlyargcount == theirs.co_kwonlyargcount
-        and code.co_varnames[1 : code.co_argcount] == theirs.co_varnames[1 : theirs.co_argcount]
+        # the positional names, then the keyword-only ones (the counts are equal)
+        and code.co_varnames[1:named] == theirs.co_varnames[1:named]
         and not (code.co_flags ^ theirs.co_flags) & (_CO_VARARGS | _CO_VARKEYWORDS)
         and call.__defaults__ == original.__defaults__
         and call.__kwdefaults__ == original.__kwdefaults__
     ):
         return None
     globals_, closure = call.__globals__, call.__closure__
-    named = FunctionType(code, globals_, original.__name__, call.__defaults__, closure)
-    named.__qualname__ = original.__qualname__
-    named.__kwdefaults__ = call.__kwdefaults__
-    return named
+    copy = FunctionType(code, globals_, original.__name__, call.__defaults__, closure)
+    copy.__qualname__ = original.__qualname__
+    copy.__kwdefaults__ = call.__kwdefaults__
+    return copy
 
 
 def _forget(instances: dict[int, Any], ident: int) -> Any:

@@ -360,3 +360,19 @@ def test_an_instance_is_bound_to_a_bound_call_only_if_it_takes_the_originals_par
     # one that does not fit would refuse bad calls with its own message: wrapt instead
     assert state["kind"] == (kind or "AgentWrapper")
     assert state["views"] == ["<lambda>", "<lambda>"]
+
+
+def test_a_bound_call_must_name_the_keyword_only_parameters_as_the_original():
+    class Target:
+        def method(self, a, *, key):
+            return a
+
+    def same(method, a, *, key):
+        return method(a, key=key)
+
+    def other(method, a, *, other):  # no defaults to tell them apart: the names must
+        return method(a, key=other)
+
+    copy = registry._named_like(same, Target.method)
+    assert copy.__code__ is same.__code__ and copy.__qualname__ == Target.method.__qualname__
+    assert registry._named_like(other, Target.method) is None
