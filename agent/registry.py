@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from agent.config import Config
 
-__all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "uninstall"]
+__all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "is_ours", "uninstall"]
 
 
 class _Applied:
@@ -211,10 +211,24 @@ def _apply(module: ModuleType, patch: Patch) -> bool:
     inherited = patch.inherited and attr not in vars(owner)
     original = _inherited(owner, attr) if inherited else vars(owner)[attr]
     marker = wrapper_class()
-    if isinstance(original, marker):
+    if isinstance(original, marker) or _is_direct(original):
         return False  # already ours (e.g. state lost by a reload of this module)
     key = (patch.module, patch.path)
-    if patch.per_instance and isinstance(original, FunctionType):
+    direct = None
+    if patch.direct is not None and not inherited and isinstance(original, FunctionType):
+        try:
+            direct = _direct_function(patch.direct, original)
+        except Exception:  # the patch still goes in, through wrapt
+            direct = None
+        if direct is None:
+            _log.debug(
+                "agent: %s:%s does not take the parameters its direct patch does; "
+                "it is wrapped through wrapt",
+                *key,
+            )
+    if direct is not None:
+        record = _Applied(owner, attr, original, direct)
+    elif patch.per_instance and isinstance(original, FunctionType):
         record = _Applied(owner, attr, original, None)
         record.wrapper = marker(original, _binding_wrapper(key, record, patch.wrapper, marker))
         if patch.bound_call is not None:
@@ -353,6 +367,36 @@ def _named_like(call: Any, original: Any) -> Any:
     copy.__qualname__ = original.__qualname__
     copy.__kwdefaults__ = call.__kwdefaults__
     return copy
+
+
+#: The attribute that marks a direct patch's function (``Patch.direct``) as the agent's.
+_DIRECT_MARK = "__talisker_agent_direct__"
+
+
+def _direct_function(factory: Any, original: Any) -> Any:
+    """The function ``factory`` makes for ``original``, named as it, or ``None`` if
+    it does not take the same parameters with the same defaults."""
+    made = factory(original)
+    if made is None:
+        return None
+    direct = _named_like(made, original)
+    if direct is None:
+        return None
+    direct.__module__ = original.__module__
+    direct.__doc__ = original.__doc__
+    direct.__annotations__ = dict(getattr(original, "__annotations__", None) or {})
+    direct.__wrapped__ = original
+    setattr(direct, _DIRECT_MARK, True)
+    return direct
+
+
+def _is_direct(obj: Any) -> bool:
+    return type(obj) is FunctionType and _DIRECT_MARK in obj.__dict__
+
+
+def is_ours(obj: Any) -> bool:
+    """Whether ``obj`` (a class's or module's attribute) is a patch of the agent's."""
+    return _is_direct(obj) or (_wrapper_class is not None and isinstance(obj, _wrapper_class))
 
 
 def _forget(instances: dict[int, Any], ident: int) -> Any:

@@ -86,7 +86,8 @@ def instrumented(mode: str, owner: object, attr: str) -> bool:
     if mode == "agent":
         from agent import registry
 
-        return isinstance(value, registry.wrapper_class())
+        is_ours = getattr(registry, "is_ours", None)  # an older checkout (--agent-root) has none
+        return is_ours(value) if is_ours else isinstance(value, registry.wrapper_class())
     # ddtrace and OpenTelemetry wrap with wrapt (or their own copy of it); OpenTelemetry
     # replaces flask.Flask by a subclass whose __init__ wraps wsgi_app per application.
     return hasattr(value, "__wrapped__") or getattr(owner, "__name__", "") == "_InstrumentedFlask"

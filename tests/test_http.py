@@ -548,6 +548,93 @@ def test_responses_and_exceptions_are_unchanged(install_agent, http_server):
     assert with_agent == without
 
 
+def test_every_argument_of_urlopen_reaches_urllib3_as_given(install_agent, http_server):
+    # The direct patch of urllib3 2.x takes urlopen's parameters by name and passes
+    # them on in place: each form of call must do what it does without the agent.
+    import gzip
+
+    from tests.support.http import Route
+
+    http_server.routes["/gz"] = Route(
+        body=gzip.compress(b"zipped"), headers={"Content-Encoding": "gzip"}
+    )
+
+    def observe() -> list[object]:
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port)
+        raw = pool.urlopen("GET", "/gz", preload_content=False, decode_content=False)
+        decoded = pool.urlopen("GET", "/gz")
+        lazy = pool.urlopen("GET", "/gz", preload_content=False)  # decoded as read
+        eager = pool.urlopen("GET", "/gz", decode_content=False)  # read, not decoded
+        kept = pool.urlopen("GET", "/redirect/1", redirect=False)
+        positional = pool.urlopen("GET", "/redirect/1", None, None, False, False)
+        followed = pool.urlopen("GET", "/redirect/1", None, None, None, True)
+        posted = pool.urlopen("POST", "/echo", b"body", pool_timeout=5, release_conn=True)
+        seen = [gzip.decompress(raw.read()), decoded.data, lazy.read(), gzip.decompress(eager.data)]
+        return [
+            *seen,
+            kept.status,
+            positional.status,
+            followed.status,
+            followed.data,
+            posted.status,
+        ]
+
+    without = observe()
+    assert without == [b"zipped"] * 4 + [302, 302, 200, b"ok", 200]
+    install_agent()
+    del http_server.requests[:]
+    with agent.request_context(request_id="in-place", deadline=30):
+        assert observe() == without
+    assert len(http_server.requests) == 9
+    assert {r.header("X-Request-Id") for r in http_server.requests} == {"in-place"}
+    assert all(r.header("X-Request-Timeout") for r in http_server.requests)
+
+
+def _urlopen_refusals(pool):
+    """What each call of ``pool.urlopen`` that does not fit its parameters raises."""
+    calls = [
+        ((), {}),
+        (("GET",), {}),
+        (("GET", "/"), {"method": "GET"}),
+        (("GET", "/", *[None] * 13), {}),  # one positional argument too many
+        ((), {"url": "/"}),
+    ]
+    refused = []
+    for args, kwargs in calls:
+        with pytest.raises(TypeError) as caught:
+            pool.urlopen(*args, **kwargs)
+        refused.append(str(caught.value))
+    return refused
+
+
+def test_urlopen_patched_looks_and_refuses_bad_calls_as_urllib3s(install_agent):
+    import inspect
+    import types
+
+    from urllib3.connectionpool import HTTPConnectionPool
+
+    from agent import registry
+
+    pool = HTTPConnectionPool("127.0.0.1", closed_port())
+    original = vars(HTTPConnectionPool)["urlopen"]
+    plain = _urlopen_refusals(pool)
+    install_agent()
+    patched = vars(HTTPConnectionPool)["urlopen"]
+    assert registry.is_ours(patched) and patched.__wrapped__ is original
+    if urllib3.__version__.startswith("1."):
+        # 1.26's urlopen has other parameters than the direct function: wrapt's wrapper
+        assert isinstance(patched, registry.wrapper_class())
+    else:  # 2.x: a plain function, named as urllib3's
+        assert type(patched) is types.FunctionType
+        for name in ("__name__", "__qualname__", "__module__", "__doc__", "__defaults__"):
+            assert getattr(patched, name) == getattr(original, name), name
+    assert inspect.signature(HTTPConnectionPool.urlopen) == inspect.signature(original)
+    assert inspect.signature(pool.urlopen) == inspect.signature(types.MethodType(original, pool))
+    assert _urlopen_refusals(pool) == plain
+    agent.uninstall()
+    assert vars(HTTPConnectionPool)["urlopen"] is original
+
+
 def test_hostile_view_names_cannot_corrupt_datagrams_or_grow_tags(
     install_agent, statsd, http_server
 ):

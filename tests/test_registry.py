@@ -59,17 +59,14 @@ def current():
     return out
 def report(originals):
     from agent import registry
-    ours = registry.wrapper_class() if registry._wrapper_class else ()
     state = {}
     for key, obj in current().items():
         state[key] = {
-            "ours": bool(ours) and isinstance(obj, ours),
+            "ours": registry.is_ours(obj),
             # A point imported after `originals` was taken (wrapt imports asyncio):
             # original means not ours.
-            "original": obj is originals[key] if key in originals else not (
-                bool(ours) and isinstance(obj, ours)
-            ),
-            "layers": 1 + (isinstance(getattr(obj, "__wrapped__", None), ours) if ours else 0),
+            "original": obj is originals[key] if key in originals else not registry.is_ours(obj),
+            "layers": 1 + registry.is_ours(getattr(obj, "__wrapped__", None)),
         }
     return state
 """
@@ -376,3 +373,54 @@ def test_a_bound_call_must_name_the_keyword_only_parameters_as_the_original():
     copy = registry._named_like(same, Target.method)
     assert copy.__code__ is same.__code__ and copy.__qualname__ == Target.method.__qualname__
     assert registry._named_like(other, Target.method) is None
+
+
+@pytest.mark.parametrize(
+    "direct, fits",
+    [
+        ("inst.direct_urlopen", True),
+        ("lambda original: (lambda self, method, url, **kw: None)", False),  # other parameters
+        # the same parameters, another default
+        ("lambda original: setattr(f := inst.direct_urlopen(original), '__defaults__', "
+         "(None,) * 12) or f", False),
+        ("lambda original: None", False),  # the factory declines
+        ("lambda original: 1 / 0", False),  # the factory fails: the patch still goes in
+    ],
+)  # fmt: skip
+def test_a_direct_patch_is_used_only_if_it_takes_the_originals_parameters(direct, fits):
+    state = run(
+        f"""
+        import threading, urllib3
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+        import agent
+        from agent.instrumentation import Patch
+        import agent.instrumentation.urllib3 as inst
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = (self.headers.get("X-Request-Id") or "").encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            def log_message(self, *args):
+                pass
+
+        server = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        first = inst.PATCHES[0]
+        patch = Patch(first.module, first.path, first.wrapper, direct={direct})
+        inst.PATCHES = (patch, *inst.PATCHES[1:])
+        agent.uninstall()
+        agent.install()
+        from urllib3.connectionpool import HTTPConnectionPool
+        pool = HTTPConnectionPool("127.0.0.1", server.server_port)
+        with agent.request_context(request_id="direct-1"):
+            sent = pool.urlopen("GET", "/").data.decode()
+        kind = type(vars(HTTPConnectionPool)["urlopen"]).__name__
+        print(json.dumps({{"kind": kind, "sent": sent, "v2": urllib3.__version__[0] == "2"}}))
+        """
+    )
+    # one that does not fit, or urllib3 1.26's other parameters: wrapt's wrapper instead
+    assert state["kind"] == ("function" if fits and state["v2"] else "AgentWrapper")
+    assert state["sent"] == "direct-1"

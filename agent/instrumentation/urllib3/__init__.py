@@ -13,6 +13,7 @@ Loaded by the registry when ``urllib3.connectionpool`` is imported.
 from __future__ import annotations
 
 import socket
+from types import MethodType as _MethodType
 
 import urllib3
 from urllib3 import connectionpool as _connectionpool
@@ -153,6 +154,126 @@ def urlopen_wrapper(
         # retried keeps the frames above it (ours) in a cycle until a garbage
         # collection. Without the response, that cycle holds no socket.
         del response
+
+
+def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``HTTPConnectionPool.urlopen`` as a plain function around ``original`` (urllib3 2.x).
+
+    What :func:`urlopen_wrapper` does, without wrapt: the class gets this function
+    (``Patch(direct=)``), so a request binds no wrapper and packs no ``args`` tuple
+    or ``kwargs`` dict; the parameters arrive by name and go to ``original`` in
+    place. The common first attempt (no headers of the caller's or the pool's,
+    the pool's timeout, no policy or breaker) is inline; every other call (an
+    attempt of a call in flight: urllib3's own retries and redirects, requests)
+    goes to :func:`urlopen_wrapper` with the arguments as urllib3 took them. The
+    registry uses it only where urllib3's ``urlopen`` has exactly these
+    parameters and defaults (2.x); urllib3 1.26 is wrapped through wrapt.
+    """
+
+    def urlopen(
+        self: Any,
+        method: Any,
+        url: Any,
+        body: Any = None,
+        headers: Any = None,
+        retries: Any = None,
+        redirect: Any = True,
+        assert_same_host: Any = True,
+        timeout: Any = _POOL_DEFAULT,
+        pool_timeout: Any = None,
+        release_conn: Any = None,
+        chunked: Any = False,
+        body_pos: Any = None,
+        preload_content: Any = True,
+        decode_content: Any = True,
+        **response_kw: Any,
+    ) -> Any:
+        cfg = config.current
+        if cfg is None:
+            return original(
+                self, method, url, body, headers, retries, redirect, assert_same_host,
+                timeout, pool_timeout, release_conn, chunked, body_pos, preload_content,
+                decode_content, **response_kw,
+            )  # fmt: skip
+        if (
+            headers is not None
+            or timeout is not _POOL_DEFAULT
+            or self.headers
+            or cfg.circuit_breaker
+            or cfg.retry_policy
+            or _current_call() is not None
+        ):
+            args = (
+                method, url, body, headers, retries, redirect, assert_same_host, timeout,
+                pool_timeout, release_conn, chunked, body_pos, preload_content, decode_content,
+            )  # fmt: skip
+            return urlopen_wrapper(_MethodType(original, self), self, args, response_kw)
+        call = None
+        try:
+            call = _client_begin(method)
+        except Exception:
+            _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
+        if call is None:
+            return original(
+                self, method, url, body, headers, retries, redirect, assert_same_host,
+                timeout, pool_timeout, release_conn, chunked, body_pos, preload_content,
+                decode_content, **response_kw,
+            )  # fmt: skip
+        token = _enter(call)
+        try:
+            # The common first attempt, as in urlopen_wrapper.
+            deadline = call.deadline
+            if call.peer is None:
+                call.peer = _cached_peer((self.host, self.port)) or _pool_peer(self)
+            left = None
+            if deadline is not None:
+                left = deadline.expires - _monotonic()
+                if left <= 0:
+                    _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
+            call.attempts = 1
+            try:
+                headers = _attempt_headers(None, call, cfg, None, left)
+                if left is not None:
+                    default = self.timeout
+                    if (
+                        type(default) is Timeout
+                        and default._connect is _SOCKET_DEFAULT
+                        and default._read is _SOCKET_DEFAULT
+                        and default.total is None
+                        and _getdefaulttimeout() is None
+                    ):
+                        call.deadline_bound = True
+                        timeout = left
+                    else:
+                        cut = _cut_timeout(_NOT_GIVEN, self, left, call)
+                        if cut is not _NOT_GIVEN:
+                            timeout = cut
+            except Exception:
+                _log.log_once("urllib3-attempt", _PREPARE_FAILED, exc_info=True)
+            response = original(
+                self, method, url, body, headers, retries, redirect, assert_same_host,
+                timeout, pool_timeout, release_conn, chunked, body_pos, preload_content,
+                decode_content, **response_kw,
+            )  # fmt: skip
+        except Exception as exc:
+            _end(token)
+            _record(call, None, exc)
+            raise
+        except BaseException:  # cancelled or interrupted: the caller gave up on it
+            _end(token)
+            _abandoned(call)
+            raise
+        _end(token)
+        try:
+            _finish(call, response.status, response.headers, None)
+        except Exception:
+            _log.log_once("urllib3-record", _RECORD_FAILED, exc_info=True)
+        try:
+            return response
+        finally:
+            del response  # as in urlopen_wrapper
+
+    return urlopen
 
 
 def poolmanager_wrapper(
@@ -357,7 +478,12 @@ def installed_version() -> str:
 
 
 PATCHES = (
-    Patch("urllib3.connectionpool", "HTTPConnectionPool.urlopen", urlopen_wrapper),
+    Patch(
+        "urllib3.connectionpool",
+        "HTTPConnectionPool.urlopen",
+        urlopen_wrapper,
+        direct=direct_urlopen,
+    ),
     Patch("urllib3.poolmanager", "PoolManager.urlopen", poolmanager_wrapper),
     Patch("urllib3.util.retry", "Retry.sleep", retry_sleep_wrapper),
 )
