@@ -116,14 +116,15 @@ def _check_wrappers(when: str) -> dict[str, str]:
                 continue
             kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
             found[where] = kind
-            wrapped = _is_proxy(obj)
+            # the agent's direct patch (a plain function, urllib3 2.x's urlopen) is marked
+            wrapped = _is_proxy(obj) or "__talisker_agent_direct__" in getattr(obj, "__dict__", {})
             if MODE == "plain":
                 if wrapped:
-                    problems.append(f"{where} is a wrapt proxy ({kind}) in plain mode")
+                    problems.append(f"{where} is patched ({kind}) in plain mode")
                 continue
             from agent import registry
 
-            if not (wrapped and isinstance(obj, registry.wrapper_class())):
+            if not (wrapped and registry.is_ours(obj)):
                 problems.append(f"{where} is not the agent's wrapper but {kind}")
     if problems:
         _recorder.write({"event": "check-failed", "when": when, "problems": problems})

@@ -74,8 +74,9 @@ def urlopen_wrapper(
 
     The outermost call is the logical request: it is made the call in flight,
     its attempts (this call and urllib3's own retries, which re-enter here) run
-    :func:`_attempt`, and it is recorded once. Inline, without helper frames:
-    this runs on every request.
+    :func:`_attempt`, and it is recorded once. On urllib3 2.x the class has
+    :func:`direct_urlopen`'s function instead, which does the common first
+    attempt inline and calls this for the rest.
     """
     cfg = config.current
     if cfg is None:
@@ -91,49 +92,7 @@ def urlopen_wrapper(
         return wrapped(*args, **kwargs)
     token = _enter(call)
     try:
-        if (
-            len(args) <= _HEADERS
-            and not cfg.circuit_breaker
-            and not cfg.retry_policy
-            and kwargs.get("headers") is None
-            and not pool.headers
-            and "timeout" not in kwargs
-        ):
-            # The common first attempt, inline (what _attempt does, for no headers of
-            # the caller's or the pool's and the pool's timeout): this is every request.
-            deadline = call.deadline
-            if call.peer is None:
-                call.peer = _cached_peer((pool.host, pool.port)) or _pool_peer(pool)
-            left = None
-            if deadline is not None:
-                left = deadline.expires - _monotonic()
-                if left <= 0:
-                    _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
-            call.attempts = 1
-            try:
-                kwargs["headers"] = _attempt_headers(None, call, cfg, None, left)
-                if left is not None:
-                    timeout = pool.timeout
-                    if (
-                        type(timeout) is Timeout
-                        and timeout._connect is _SOCKET_DEFAULT
-                        and timeout._read is _SOCKET_DEFAULT
-                        and timeout.total is None
-                        and _getdefaulttimeout() is None
-                    ):
-                        # No limit of the caller's: the time left, as a number, which
-                        # urllib3 makes a Timeout of as it makes one of the pool's.
-                        call.deadline_bound = True
-                        kwargs["timeout"] = left
-                    else:
-                        cut = _cut_timeout(_NOT_GIVEN, pool, left, call)
-                        if cut is not _NOT_GIVEN:
-                            kwargs["timeout"] = cut
-            except Exception:
-                _log.log_once("urllib3-attempt", _PREPARE_FAILED, exc_info=True)
-            response = wrapped(*args, **kwargs)
-        else:
-            response = _attempt(wrapped, pool, args, kwargs, cfg, call)
+        response = _attempt(wrapped, pool, args, kwargs, cfg, call)
     except Exception as exc:
         _end(token)
         _record(call, None, exc)
@@ -221,7 +180,8 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
             )  # fmt: skip
         token = _enter(call)
         try:
-            # The common first attempt, as in urlopen_wrapper.
+            # The common first attempt, inline, without helper frames (what
+            # _attempt does for it): this is every request.
             deadline = call.deadline
             if call.peer is None:
                 call.peer = _cached_peer((self.host, self.port)) or _pool_peer(self)
