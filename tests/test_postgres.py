@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -270,6 +271,49 @@ def test_a_failed_connect_is_a_connection_error(pg, statsd):
     assert error.tag_dict["type"] == "connection" and error.tag("operation") == "connect"
     assert error.tag("peer") == f"127.0.0.1:{port.port}"
     assert statsd.total(QUERIES) == 0
+
+
+class Interrupted(BaseException):
+    """What gevent's ``Timeout`` is: a BaseException, not an Exception."""
+
+
+@pytest.mark.parametrize("under_deadline", [False, True])
+@pytest.mark.parametrize("composed", [False, True])
+def test_a_statement_interrupted_by_a_base_exception_is_counted_not_an_error(
+    pg, statsd, under_deadline, composed
+):
+    """Raised from psycopg2's wait callback, as gevent (psycogreen) interrupts a
+    statement: the application gets it as raised; the statement is in
+    ``sql.queries`` and ``sql.latency``, as an HTTP call given up is a 499, and
+    not in ``sql.errors`` (the server did not fail)."""
+    armed: list[bool] = []
+
+    def wait(conn):
+        if armed:
+            armed.clear()
+            raise Interrupted
+        psycopg2.extras.wait_select(conn)
+
+    extensions.set_wait_callback(wait)
+    try:
+        conn = psycopg2.connect(pg)
+        conn.autocommit = True
+        query = pgsql.SQL("select pg_sleep(0.01)") if composed else "select pg_sleep(0.01)"
+        scope = agent.deadline(30) if under_deadline else contextlib.nullcontext()
+        try:
+            with scope, conn.cursor() as cur:
+                cur.execute(query)  # the control (and the agent's reading of the session)
+                armed.append(True)
+                with pytest.raises(Interrupted):
+                    cur.execute(query)
+        finally:
+            conn.close()
+    finally:
+        extensions.set_wait_callback(None)
+    sent(statsd, at_least=2)
+    assert statsd.total(QUERIES, operation="select") == 2
+    assert len(statsd.samples(LATENCY, operation="select")) == 2
+    assert statsd.total(ERRORS) == 0
 
 
 # -- deadlines ---------------------------------------------------------------------

@@ -176,6 +176,9 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
         except Exception as exc:
             _finish(state.peer, state.db, op, start, exc, bound)
             raise
+        except BaseException:  # interrupted (gevent's Timeout): counted, not an error
+            _finish(state.peer, state.db, op, start)
+            raise
         _record_deferred(_expand_statements, (state, op, (_perf_counter() - start) * 1000.0))
         return result
 
@@ -330,6 +333,9 @@ def _timed(
             result = base(cursor, query, vars)
         except Exception as exc:
             _finish(state.peer, state.db, op, start, exc, bound)
+            raise
+        except BaseException:  # as in the inline path: counted, not an error
+            _finish(state.peer, state.db, op, start)
             raise
         _record_deferred(_expand_statements, (state, op, (_perf_counter() - start) * 1000.0))
         failed = False
