@@ -82,8 +82,8 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: each path raw, by hand, agent, ddtrace and OpenTelemetry, judged (issue 14).
 
     `benchmarks/summary.py` runs the wall-clock scripts (start-up, metric call,
-    HTTP, SQL, WSGI: about 5 minutes) and the callgrind instruction counts
-    (about 25 minutes: two heap layouts a row, four for by hand and agent), then
+    HTTP, SQL, WSGI: 5-10 minutes) and the callgrind instruction counts
+    (about 40 minutes: two heap layouts a row, four for by hand and agent), then
     prints one table per path in both measures and the targets marked pass or
     over (docs/benchmarks.md).
     `nox -s bench -- instructions` runs only the counts, `-- timing` only the

@@ -116,7 +116,8 @@ def _check_wrappers(when: str) -> dict[str, str]:
                 continue
             kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
             found[where] = kind
-            # the agent's direct patch (a plain function, urllib3 2.x's urlopen) is marked
+            # the agent's direct patch (a plain function, urllib3 2.x's urlopen) carries
+            # registry._DIRECT_MARK, spelled here: plain mode never imports the agent
             wrapped = _is_proxy(obj) or "__talisker_agent_direct__" in getattr(obj, "__dict__", {})
             if MODE == "plain":
                 if wrapped:

@@ -56,7 +56,6 @@ _cached_peer = naming.cached
 _enter = client.enter
 _end = client.end
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_NO_KWARGS: dict[str, Any] = {}
 # positions in urlopen(method, url, body, headers, retries, redirect, assert_same_host, timeout)
 _HEADERS, _RETRIES, _TIMEOUT = 3, 4, 7
 
