@@ -89,6 +89,7 @@ end = _call.reset  #: leave it (with the token from :func:`enter`)
 _current_scope = context.current
 _new_request_id = context.new_request_id
 _view_header = propagation.view_header
+_STORES = propagation._STORES
 
 
 def begin(method: str) -> Call | None:
@@ -147,7 +148,15 @@ def finish(call: Call, status: int | None, headers: Any, error: BaseException | 
     """
     view = call.view
     if view is None and headers is not None:
-        view = _view_header(headers)
+        # propagation.view_header, its common case inline (a frame fewer a call): the
+        # mapping's type is known and keeps a lower-cased dict.
+        attr = _STORES.get(type(headers))
+        store = None if attr is None else getattr(headers, attr, None)
+        if type(store) is dict:
+            item = store.get("x-view-name")
+            view = item[-1] if item else None
+        else:
+            view = _view_header(headers)
     elapsed_ms = (_perf_counter() - call.start) * 1000.0
     kind: str | None
     code: str | None
@@ -166,20 +175,25 @@ def finish(call: Call, status: int | None, headers: Any, error: BaseException | 
             pass  # stopped before the peer was asked: no outcome of the peer's
         else:
             call.breaker.record(kind is not None or status == 429)
-    _record_deferred(
-        expand_requests,
-        (
-            call.peer or "unknown",
-            view or "unknown",
-            call.method,
-            status or "error",
-            elapsed_ms,
-            kind,
-            code,
-            None if call.attempts <= 1 else _retry_reasons(call),
-            call.backoff_ms,
-        ),
+    payload = (
+        call.peer or "unknown",
+        view or "unknown",
+        call.method,
+        status or "error",
+        elapsed_ms,
+        kind,
+        code,
+        None if call.attempts <= 1 else _retry_reasons(call),
+        call.backoff_ms,
     )
+    # metrics.record_deferred, its common case inline (as agent.http.server.finish).
+    pipeline = metrics._pipeline
+    if pipeline is not None:
+        queue = pipeline.deferred.get(expand_requests)
+        if queue is None or pipeline.thread is None:
+            _record_deferred(expand_requests, payload)
+        else:
+            queue.append(payload)
 
 
 def record(call: Call, response: Any, error: BaseException | None, status: str = "status") -> None:
