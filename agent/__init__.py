@@ -9,23 +9,24 @@ raises. Instrumentations go in when their target modules are imported.
 from __future__ import annotations
 
 from agent._version import __version__
-from agent.context import (
-    DeadlineExceeded,
-    deadline,
-    deadline_timeout,
-    metric_names,
-    priority,
-    request_context,
-    suppress,
-)
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from typing import Any
 
     from agent import asgi as asgi
+    from agent import context as context
     from agent import wsgi as wsgi
     from agent.config import Config
+    from agent.context import (
+        DeadlineExceeded,
+        deadline,
+        deadline_timeout,
+        metric_names,
+        priority,
+        request_context,
+        suppress,
+    )
     from agent.http.breaker import CircuitOpen
     from agent.http.hedge import hedged, hedged_sync
     from agent.metrics.timed import timed
@@ -125,7 +126,19 @@ def flush(timeout: float = 2.0) -> bool:
     return metrics.flush(timeout)
 
 
+#: The API that loads on first use (``from agent import deadline`` too, PEP 562): the
+#: context module alone, with contextvars and math, is a third of ``import agent``,
+#: and a process that only has the agent active (every Python process under
+#: ``talisker-run``) may never use it.
 _LAZY = {
+    "DeadlineExceeded": ("agent.context", "DeadlineExceeded"),
+    "deadline": ("agent.context", "deadline"),
+    "deadline_timeout": ("agent.context", "deadline_timeout"),
+    "metric_names": ("agent.context", "metric_names"),
+    "priority": ("agent.context", "priority"),
+    "request_context": ("agent.context", "request_context"),
+    "suppress": ("agent.context", "suppress"),
+    "context": ("agent.context", None),
     "CircuitOpen": ("agent.http.breaker", "CircuitOpen"),
     "hedged": ("agent.http.hedge", "hedged"),
     "hedged_sync": ("agent.http.hedge", "hedged_sync"),
@@ -142,9 +155,10 @@ def __getattr__(name: str) -> Any:
     # Heavier parts of the API load on first use, keeping `import agent` cheap.
     if name in _LAZY:
         module_name, attr = _LAZY[name]
-        import importlib
+        import sys
 
-        module = importlib.import_module(module_name)
+        __import__(module_name)
+        module = sys.modules[module_name]
         value = module if attr is None else getattr(module, attr)
         globals()[name] = value
         return value

@@ -21,6 +21,9 @@ HEAVY = [
     "threading",
     "functools",  # it imports collections, operator, reprlib, keyword: 10.9M instructions
     "collections",
+    "types",  # 1.2M instructions (Python 3.13)
+    "math",  # 0.6M, a shared library to load
+    "contextvars",  # with agent.context, a third of import agent: loaded on first use
 ]
 
 
@@ -39,6 +42,23 @@ def test_import_agent_imports_no_target_and_nothing_heavy(enabled):
         {"TALISKER_ENABLED": enabled},
     )
     assert json.loads(out) == []
+
+
+def test_the_api_loads_on_first_use_as_it_did_at_import():
+    out = check_python(
+        """
+        import sys
+        import agent
+        print("agent.context" in sys.modules)
+        from agent import deadline, DeadlineExceeded
+        import agent as again
+        print(deadline is again.context.deadline, issubclass(DeadlineExceeded, TimeoutError))
+        with agent.request_context(request_id="r"):
+            print(agent.context.current().request_id)
+        print(sorted(set(agent.__all__) - set(dir(agent)) - set(agent._LAZY)))
+        """
+    )
+    assert out.split("\n")[:4] == ["False", "True True", "r", "[]"]
 
 
 def test_the_targets_are_installed_for_this_check():

@@ -7,8 +7,6 @@ can still be used; :func:`agent.config.load` turns it into a warning (or, for
 
 from __future__ import annotations
 
-import math
-
 from agent import _log
 from agent.instrumentation import NAMES
 
@@ -54,7 +52,7 @@ def _number(raw: str, expected: str) -> float:
         value = float(raw.strip())
     except ValueError:
         raise InvalidValue(expected) from None
-    if not math.isfinite(value):
+    if value - value != 0.0:  # inf or nan (math.isfinite, without importing math)
         raise InvalidValue(expected)
     return value
 
