@@ -200,6 +200,30 @@ def test_check_into_a_closed_pipe_prints_no_traceback():
     assert proc.returncode == 141  # what a shell reports for a command ended by SIGPIPE
 
 
+def _imported(result: subprocess.CompletedProcess[str]) -> set[str]:
+    """The modules a process run with PYTHONPROFILEIMPORTTIME=1 imported (its stderr)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rpartition("|")[2].strip() for line in lines[1:]}  # the first is the header
+
+
+def test_the_launcher_imports_nothing_heavy_before_it_runs_the_command():
+    # A console-script entry point's wrapper imports re (27M instructions, half an
+    # interpreter's start): talisker-run is a script of its own (scripts/talisker-run).
+    trace = {"PYTHONPROFILEIMPORTTIME": "1"}
+    plain = subprocess.run(
+        [sys.executable, "-c", "pass"],
+        env=clean_env(**trace),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    launcher = talisker_run("--version", env=trace)
+    assert launcher.returncode == 0
+    added = _imported(launcher) - _imported(plain)
+    assert "agent.cli" in added  # the trace is read
+    assert not added & {"re", "typing", "logging", "functools", "collections", "types"}
+
+
 def test_help_version_and_usage_errors():
     help_ = talisker_run("--help")
     assert help_.returncode == 0 and "usage: talisker-run" in help_.stdout
