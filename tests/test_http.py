@@ -642,6 +642,42 @@ def test_urlopen_patched_looks_and_refuses_bad_calls_as_urllib3s(install_agent):
     assert vars(HTTPConnectionPool)["urlopen"] is original
 
 
+def test_poolmanager_urlopen_is_a_plain_function_that_refuses_bad_calls_as_urllib3s(
+    install_agent,
+):
+    # PoolManager.urlopen(self, method, url, redirect=True, **kw) in 1.26 and 2.x: the
+    # agent's direct patch, no wrapt binding on each access.
+    import inspect
+    import types
+
+    from urllib3.poolmanager import PoolManager
+
+    from agent import registry
+
+    def refusals(manager):
+        calls = [((), {}), (("GET",), {}), (("GET", "/", True, 1), {}), (("GET", "/"), {"url": 1})]
+        refused = []
+        for args, kwargs in calls:
+            with pytest.raises(TypeError) as caught:
+                manager.urlopen(*args, **kwargs)
+            refused.append(str(caught.value))
+        return refused
+
+    manager = PoolManager()
+    original = vars(PoolManager)["urlopen"]
+    plain = refusals(manager)
+    install_agent()
+    patched = vars(PoolManager)["urlopen"]
+    assert type(patched) is types.FunctionType and registry.is_ours(patched)
+    assert patched.__wrapped__ is original
+    for name in ("__name__", "__qualname__", "__module__", "__doc__", "__defaults__"):
+        assert getattr(patched, name) == getattr(original, name), name
+    assert inspect.signature(PoolManager.urlopen) == inspect.signature(original)
+    assert refusals(manager) == plain
+    agent.uninstall()
+    assert vars(PoolManager)["urlopen"] is original
+
+
 def test_hostile_view_names_cannot_corrupt_datagrams_or_grow_tags(
     install_agent, statsd, http_server
 ):

@@ -248,6 +248,21 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
     return urlopen
 
 
+def direct_poolmanager_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``PoolManager.urlopen`` as a plain function around ``original`` (1.26 and 2.x).
+
+    :func:`poolmanager_wrapper`, called without wrapt: a wrapt patch makes a bound
+    wrapper on every access of ``manager.urlopen`` and packs and unpacks the
+    arguments through it. ``urllib3.request()``, ``PoolManager`` and
+    ``ProxyManager`` (whose ``urlopen`` calls this one) go through here.
+    """
+
+    def urlopen(self: Any, method: Any, url: Any, redirect: Any = True, **kw: Any) -> Any:
+        return poolmanager_wrapper(_MethodType(original, self), self, (method, url, redirect), kw)
+
+    return urlopen
+
+
 def poolmanager_wrapper(
     wrapped: Callable[..., Any], manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -456,7 +471,12 @@ PATCHES = (
         urlopen_wrapper,
         direct=direct_urlopen,
     ),
-    Patch("urllib3.poolmanager", "PoolManager.urlopen", poolmanager_wrapper),
+    Patch(
+        "urllib3.poolmanager",
+        "PoolManager.urlopen",
+        poolmanager_wrapper,
+        direct=direct_poolmanager_urlopen,
+    ),
     Patch("urllib3.util.retry", "Retry.sleep", retry_sleep_wrapper),
 )
 
