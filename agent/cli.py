@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from agent import config
-from agent._version import __version__
+from agent import __version__, config
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
