@@ -87,6 +87,9 @@ def install(config: Config) -> None:
         _api_only = frozenset(n for n in API_TARGETS if n not in _enabled)
         watched = [m for n in _enabled for m in TARGETS[n]]
         watched += [m for n in _api_only for m in API_TARGETS[n] if m not in watched]
+        # The instrumentations too: one imported by the application before its target
+        # (`from agent.instrumentation.urllib3.errors import ...`) applies when it is in.
+        watched += [_PREFIX + n for n in (*_enabled, *_api_only)]
         _finder = PostImportFinder(_on_import, watched)
         sys.meta_path.insert(0, _finder)
         for name in watched:
@@ -135,17 +138,39 @@ def _on_import(module: ModuleType) -> None:
             # wrapt's own import brings in a target (asyncio): patch it once wrapt is in.
             _pending.append(module)
             return
+        imported = module.__name__
+        if imported.startswith(_PREFIX):  # an instrumentation, its body run
+            name = imported[len(_PREFIX) :]
+            if name in _enabled:
+                _apply_instrumentation(name, "PATCHES", module)
+            elif name in _api_only:
+                _apply_instrumentation(name, "API_PATCHES", module)
+            return
         for name in _enabled:
-            if module.__name__ in TARGETS[name]:
+            if imported in TARGETS[name]:
                 _apply_instrumentation(name)
         for name in _api_only:
-            if module.__name__ in API_TARGETS[name]:
+            if imported in API_TARGETS[name]:
                 _apply_instrumentation(name, "API_PATCHES")
 
 
-def _apply_instrumentation(name: str, declared: str = "PATCHES") -> None:
+_PREFIX = "agent.instrumentation."
+
+
+def _apply_instrumentation(
+    name: str, declared: str = "PATCHES", instrumentation: ModuleType | None = None
+) -> None:
+    """Apply an instrumentation's patches whose target modules are in.
+
+    ``instrumentation`` is its module, when its own post-import hook calls. One whose
+    body is still running (it imported its target) is left to that hook.
+    """
     try:
-        instrumentation = __import__(f"agent.instrumentation.{name}", fromlist=[declared])
+        if instrumentation is None:
+            loading = sys.modules.get(_PREFIX + name)
+            if loading is not None and _initializing(loading):
+                return  # its post-import hook applies it, once its body has run
+            instrumentation = __import__(_PREFIX + name, fromlist=[declared])
         patches: tuple[Patch, ...] = getattr(instrumentation, declared)
     except Exception:
         _log.log_once(

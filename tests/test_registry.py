@@ -127,6 +127,26 @@ def test_target_imported_after_the_agent(target):
     assert expected <= set(state)
 
 
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_an_instrumentation_imported_before_its_target_still_applies(target):
+    # Its body imports the target, whose post-import hook then finds the instrumentation
+    # half-run: it is applied once its body is in (it used to fail to load, logged).
+    proc = run_python(
+        program(
+            f"""
+            import agent
+            import agent.instrumentation.{target}
+            import {", ".join(sorted({m for m, _, _ in TARGETS[target]}))}
+            print(json.dumps(report({{}})))
+            """
+        ),
+        ENV,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "failed to load" not in proc.stderr
+    all_points(json.loads(proc.stdout.strip().splitlines()[-1]), ours=True, layers=1)
+
+
 def test_install_twice_wraps_once_and_uninstall_restores_originals():
     state = run(
         """
