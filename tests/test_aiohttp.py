@@ -46,6 +46,40 @@ def test_the_id_deadline_and_priority_reach_every_attempt(install_agent, http_se
         assert recorded.header("X-Request-Priority") == "high"
 
 
+def test_a_redirect_carries_the_time_left_when_it_is_made(install_agent, http_server):
+    # The first response takes a second: the redirect's X-Request-Timeout is that much
+    # smaller (a lower bound, so a busy machine only widens the gap), the absolute
+    # deadline the same.
+    from tests.support.http import Route
+
+    http_server.routes["/slow-hop"] = Route(
+        status=302, headers={"Location": "/redirect/0"}, delay=1.0
+    )
+    install_agent()
+
+    async def main():
+        with agent.request_context(deadline=30):
+            return await get(http_server.url + "/slow-hop")
+
+    assert asyncio.run(main()).status == 200
+    first, second = http_server.requests
+    assert second.path == "/redirect/0"
+    sent = [float(r.header("X-Request-Timeout")) for r in (first, second)]
+    assert sent[1] <= sent[0] - 0.99, sent
+    assert second.header("X-Request-Deadline") == first.header("X-Request-Deadline")
+
+
+def test_a_timeout_header_of_the_callers_is_kept_on_a_redirect(install_agent, http_server):
+    install_agent()
+
+    async def main():
+        with agent.request_context(deadline=30):
+            return await get(http_server.url + "/redirect/1", headers={"X-Request-Timeout": "5"})
+
+    assert asyncio.run(main()).status == 200
+    assert [r.header("X-Request-Timeout") for r in http_server.requests] == ["5", "5"]
+
+
 def test_headers_of_the_call_and_of_the_session_are_kept(install_agent, http_server):
     install_agent()
     asyncio.run(get(http_server.url + "/a", headers={"X-Request-Id": "call"}))

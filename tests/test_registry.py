@@ -32,6 +32,7 @@ TARGETS = {
     ],
     "aiohttp": [
         ("aiohttp.client", "ClientSession", "_request"),
+        ("aiohttp.client_reqrep", "ClientRequest", "update_headers"),
         ("aiohttp.web_app", "Application", "_handle"),
     ],
     "asyncio": [

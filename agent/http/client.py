@@ -63,6 +63,7 @@ class Call:
     budget: Any = None  # the retry budget of its peer, under a retry policy
     breaker: Any = None  # the circuit breaker of its peer, if it has one
     deadline_bound = False  # an attempt's timeout was cut to the deadline
+    hops = 0  # requests made so far, where a layer counts them (aiohttp's redirects)
 
     def __init__(
         self,

@@ -5,9 +5,11 @@
 redirects inside it. It is the narrowest point that is stable across aiohttp 3.x
 (its per-attempt client middlewares exist only from 3.12; trace configs must be
 given when a session is made, which code written without the agent does not
-do). So the headers are added once per logical request (a redirect carries the
-same ones) and the deadline bounds the whole call through aiohttp's own
-``ClientTimeout.total``: what a deadline means.
+do). So the headers are added once per logical request and the deadline bounds
+the whole call through aiohttp's own ``ClientTimeout.total``: what a deadline
+means. A redirect's request carries the same headers, but for
+``X-Request-Timeout``, the time left then: ``ClientRequest.update_headers``, which
+every request aiohttp makes runs, is wrapped for that.
 
 The server: ``Application._handle`` (every request of the root application)
 runs in a request scope, as WSGI and ASGI requests do; the response carries
@@ -290,8 +292,32 @@ def _is_cancelled(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError)
 
 
+def update_headers_wrapper(
+    wrapped: Callable[..., Any], request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Around ``ClientRequest.update_headers``: a redirect's ``X-Request-Timeout`` is
+    the time left when it is made, not what the first request was sent with."""
+    wrapped(*args, **kwargs)
+    call = _current_call()
+    if call is None or call.timeout_sent is None:
+        return  # not a call of ours, or one that sends no relative deadline
+    try:
+        call.hops += 1
+        if call.hops == 1 or call.deadline is None:
+            return  # the first request: its header was made just now
+        headers = request.headers
+        if headers.get(propagation.TIMEOUT_HEADER) == call.timeout_sent:  # ours, not the caller's
+            left = propagation.seconds_left(call.deadline)
+            headers[propagation.TIMEOUT_HEADER] = call.timeout_sent = left
+    except Exception:
+        _log.log_once(
+            "aiohttp-redirect", "agent: updating a redirect's headers failed", exc_info=True
+        )
+
+
 PATCHES = (
     Patch("aiohttp.client", "ClientSession._request", request_wrapper),
+    Patch("aiohttp.client_reqrep", "ClientRequest.update_headers", update_headers_wrapper),
     Patch("aiohttp.web_app", "Application._handle", handle_wrapper),
 )
 

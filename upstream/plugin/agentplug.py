@@ -61,6 +61,7 @@ WRAPPED = {
     "starlette": [("starlette.applications", "Starlette.__call__")],
     "aiohttp": [
         ("aiohttp.client", "ClientSession._request"),
+        ("aiohttp.client_reqrep", "ClientRequest.update_headers"),
         ("aiohttp.web_app", "Application._handle"),
     ],
 }
