@@ -295,18 +295,36 @@ def _is_cancelled(exc: BaseException) -> bool:
 def update_headers_wrapper(
     wrapped: Callable[..., Any], request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
-    """Around ``ClientRequest.update_headers``: a redirect's ``X-Request-Timeout`` is
-    the time left when it is made, not what the first request was sent with."""
+    """Around ``ClientRequest.update_headers`` (wrapt's, where :func:`direct_update_headers`
+    does not fit)."""
     wrapped(*args, **kwargs)
     call = _current_call()
-    if call is None or call.timeout_sent is None:
-        return  # not a call of ours, or one that sends no relative deadline
+    if call is not None and call.timeout_sent is not None:
+        _redirect_timeout(call, request)
+
+
+def direct_update_headers(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``ClientRequest.update_headers`` as a plain function around ``original``: every
+    request aiohttp makes runs it, and a wrapt patch costs twice this."""
+
+    def update_headers(self: Any, headers: Any) -> None:
+        original(self, headers)
+        call = _current_call()
+        if call is not None and call.timeout_sent is not None:
+            _redirect_timeout(call, self)
+
+    return update_headers
+
+
+def _redirect_timeout(call: client.Call, request: Any) -> None:
+    """A redirect's ``X-Request-Timeout`` is the time left when it is made, not what the
+    first request was sent with; the caller's own is left alone."""
     try:
         call.hops += 1
         if call.hops == 1 or call.deadline is None:
             return  # the first request: its header was made just now
         headers = request.headers
-        if headers.get(propagation.TIMEOUT_HEADER) == call.timeout_sent:  # ours, not the caller's
+        if headers.get(propagation.TIMEOUT_HEADER) == call.timeout_sent:  # ours
             left = propagation.seconds_left(call.deadline)
             headers[propagation.TIMEOUT_HEADER] = call.timeout_sent = left
     except Exception:
@@ -317,7 +335,12 @@ def update_headers_wrapper(
 
 PATCHES = (
     Patch("aiohttp.client", "ClientSession._request", request_wrapper),
-    Patch("aiohttp.client_reqrep", "ClientRequest.update_headers", update_headers_wrapper),
+    Patch(
+        "aiohttp.client_reqrep",
+        "ClientRequest.update_headers",
+        update_headers_wrapper,
+        direct=direct_update_headers,
+    ),
     Patch("aiohttp.web_app", "Application._handle", handle_wrapper),
 )
 
