@@ -6,7 +6,8 @@ no ``datadog``, no ``wrapt`` and not even ``typing`` is imported) and never
 raises. Instrumentations go in when their target modules are imported.
 """
 
-from __future__ import annotations
+# On the start-up path: annotations are strings, not `from __future__ import annotations`
+# (importing __future__ costs 0.6M instructions).
 
 #: The package version (hatch reads it here: one module fewer to import at start-up).
 __version__ = "0.1.0"
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 
-def install(config: Config | None = None) -> bool:
+def install(config: "Config | None" = None) -> "bool":
     """Activate the agent with ``config`` (default: read from the environment).
 
     Idempotent: installing the same configuration again changes nothing; a
@@ -94,7 +95,7 @@ def install(config: Config | None = None) -> bool:
         return False
 
 
-def uninstall() -> None:
+def uninstall() -> "None":
     """Deactivate the agent: every patched object is restored, metrics stop."""
     try:
         from agent import registry
@@ -107,7 +108,7 @@ def uninstall() -> None:
         log_once("uninstall", "agent: uninstall failed", exc_info=True)
 
 
-def _uninstall_locked() -> None:
+def _uninstall_locked() -> "None":
     from agent import config as config_module
     from agent import metrics, registry
 
@@ -116,7 +117,7 @@ def _uninstall_locked() -> None:
     config_module.current = None
 
 
-def flush(timeout: float = 2.0) -> bool:
+def flush(timeout: "float" = 2.0) -> "bool":
     """Send the metrics recorded so far now, waiting at most ``timeout`` seconds.
 
     Rarely needed: metrics are sent periodically and at interpreter exit. Use
@@ -152,7 +153,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: "str") -> "Any":
     # Heavier parts of the API load on first use, keeping `import agent` cheap.
     if name in _LAZY:
         module_name, attr = _LAZY[name]
@@ -166,7 +167,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'agent' has no attribute {name!r}")
 
 
-def _activate() -> None:
+def _activate() -> "None":
     try:
         import os
         import sys

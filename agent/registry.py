@@ -10,42 +10,41 @@ Nothing here imports a target or wrapt: both happen when a target module
 is imported by the application (or was already, when :func:`install` runs).
 """
 
-from __future__ import annotations
+# On the start-up path: annotations are strings, not `from __future__ import annotations`
+# (importing __future__ costs 0.6M instructions).
 
 import sys
 from _thread import RLock
 
 from agent import _log
-from agent.instrumentation import API_TARGETS, TARGETS, Patch
+from agent.config import API_TARGETS, NAMES, TARGETS
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from functools import partial
     from importlib.machinery import ModuleSpec
     from types import FunctionType, MethodType, ModuleType
     from typing import Any
 
     from agent.config import Config
+    from agent.instrumentation import Patch
 
     Hook = Callable[[ModuleType], None]
-else:  # functools' own partial: functools imports collections (10.9M instructions)
-    from _functools import partial
+else:  # types' own definitions: importing types costs 1.2M instructions at start-up.
 
-    # types' own definitions: importing types costs 1.2M instructions at start-up.
-    def _function() -> None:
+    def _function() -> "None":
         pass
 
     FunctionType = type(_function)
     MethodType = type(_function.__get__(0))  # a function bound to an object
 
-__all__ = ["API_TARGETS", "TARGETS", "Patch", "install", "installed", "is_ours", "uninstall"]
+__all__ = ["API_TARGETS", "NAMES", "TARGETS", "install", "installed", "is_ours", "uninstall"]
 
 
 class _Applied:
     __slots__ = ("attr", "bound_call", "inherited", "instances", "original", "owner", "wrapper")
 
-    def __init__(self, owner: Any, attr: str, original: Any, wrapper: Any) -> None:
+    def __init__(self, owner: "Any", attr: "str", original: "Any", wrapper: "Any") -> "None":
         self.owner = owner
         self.attr = attr
         self.original = original
@@ -59,22 +58,22 @@ class _Applied:
 
 
 _lock = RLock()
-_finder: PostImportFinder | None = None
-_config: Config | None = None
-_enabled: frozenset[str] = frozenset()
-_api_only: frozenset[str] = frozenset()  # off, but their API patches go in
-_applied: dict[tuple[str, str], _Applied] = {}
-_wrapper_class: type | None = None
+_finder: "PostImportFinder | None" = None
+_config: "Config | None" = None
+_enabled: "frozenset[str]" = frozenset()
+_api_only: "frozenset[str]" = frozenset()  # off, but their API patches go in
+_applied: "dict[tuple[str, str], _Applied]" = {}
+_wrapper_class: "type | None" = None
 _importing_wrapt = False
-_pending: list[ModuleType] = []  # imported while wrapt was being imported
+_pending: "list[ModuleType]" = []  # imported while wrapt was being imported
 
 
-def installed() -> bool:
+def installed() -> "bool":
     """Whether the registry is installed (hooks in place, patches as targets load)."""
     return _finder is not None
 
 
-def install(config: Config) -> None:
+def install(config: "Config") -> "None":
     """Watch the targets of every enabled instrumentation; patch those already imported.
 
     Instrumentations that are off get only their ``API_PATCHES`` (see :data:`API_TARGETS`).
@@ -101,7 +100,7 @@ def install(config: Config) -> None:
                 _on_import(module)
 
 
-def uninstall() -> None:
+def uninstall() -> "None":
     """Remove the hooks and put every original object back, by identity."""
     global _finder, _config, _enabled, _api_only
     with _lock:
@@ -129,12 +128,12 @@ def uninstall() -> None:
             del _applied[key]
 
 
-def _initializing(module: ModuleType) -> bool:
+def _initializing(module: "ModuleType") -> "bool":
     spec = getattr(module, "__spec__", None)
     return bool(getattr(spec, "_initializing", False))
 
 
-def _on_import(module: ModuleType) -> None:
+def _on_import(module: "ModuleType") -> "None":
     """Post-import hook: apply the patches of every instrumentation watching ``module``."""
     with _lock:
         if _importing_wrapt:
@@ -161,8 +160,8 @@ _PREFIX = "agent.instrumentation."
 
 
 def _apply_instrumentation(
-    name: str, declared: str = "PATCHES", instrumentation: ModuleType | None = None
-) -> None:
+    name: "str", declared: "str" = "PATCHES", instrumentation: "ModuleType | None" = None
+) -> "None":
     """Apply an instrumentation's patches whose target modules are in.
 
     ``instrumentation`` is its module, when its own post-import hook calls. One whose
@@ -213,7 +212,7 @@ def _apply_instrumentation(
         _log.debug("agent: %s %s %s (%s)", what, name, version, ", ".join(targets))
 
 
-def _supported(name: str, instrumentation: Any) -> bool:
+def _supported(name: "str", instrumentation: "Any") -> "bool":
     """Whether the imported library is a version its instrumentation supports; else warn once.
 
     A version outside the range is left uninstrumented: the agent cannot know that
@@ -238,7 +237,7 @@ def _supported(name: str, instrumentation: Any) -> bool:
     return False
 
 
-def _apply(module: ModuleType, patch: Patch) -> bool:
+def _apply(module: "ModuleType", patch: "Patch") -> "bool":
     """Wrap what ``patch`` names; ``False`` when it is already ours."""
     owner: Any = module
     *parents, attr = patch.path.split(".")
@@ -286,7 +285,7 @@ def _apply(module: ModuleType, patch: Patch) -> bool:
     return True
 
 
-def _inherited(owner: Any, attr: str) -> Any:
+def _inherited(owner: "Any", attr: "str") -> "Any":
     """What class ``owner`` inherits as ``attr``: the object in its base's ``__dict__``."""
     for base in owner.__mro__[1:]:
         found = vars(base).get(attr)
@@ -295,7 +294,9 @@ def _inherited(owner: Any, attr: str) -> Any:
     raise AttributeError(f"{owner.__name__} has no {attr} to wrap")
 
 
-def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marker: type) -> Any:
+def _binding_wrapper(
+    key: "tuple[str, str]", record: "_Applied", wrapper: "Any", marker: "type"
+) -> "Any":
     """The class's wrapper of a per-instance patch: binds, then calls ``wrapper``.
 
     wrapt makes a bound wrapper each time ``instance.method`` is looked up
@@ -311,7 +312,7 @@ def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marke
     attr, original = record.attr, record.original
     resolves: dict[type, bool] = {}  # class -> whether its attr is this patch's wrapper
 
-    def binding(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    def binding(wrapped: "Any", instance: "Any", args: "Any", kwargs: "Any") -> "Any":
         # A class known not to take one (an override) pays one lookup per call, no frame.
         if instance is not None and resolves.get(type(instance)) is not False:
             try:
@@ -320,7 +321,7 @@ def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marke
                 _log.log_once(f"bind:{attr}", "agent: binding %s failed", attr, exc_info=True)
         return wrapper(wrapped, instance, args, kwargs)
 
-    def _bind(instance: Any) -> None:
+    def _bind(instance: "Any") -> "None":
         own = getattr(instance, "__dict__", None)
         if type(own) is not dict or attr in own:
             return
@@ -337,7 +338,7 @@ def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marke
 
         method = MethodType(original, instance)
         call = record.bound_call
-        bound = marker(method, wrapper) if call is None else _BoundCall(call, method)
+        bound = marker(method, wrapper) if call is None else _bound_call_type()(call, method)
         with _lock:
             if _applied.get(key) is not record:
                 return  # uninstalled meanwhile
@@ -353,33 +354,55 @@ def _binding_wrapper(key: tuple[str, str], record: _Applied, wrapper: Any, marke
     return binding
 
 
-class _BoundCall(partial):  # type: ignore[type-arg]
-    # An instance's own binding of a per-instance patch with a ``bound_call``:
-    # ``bound_call(method, *args)``, called by partial's C code. It shows the bound
-    # method it stands for: its attributes (``__self__``, ``__func__``, ``__name__``),
-    # its ``__wrapped__`` (so inspect.signature gives the method's) and its repr.
-    __slots__ = ()
+#: The class of an instance's own binding with a ``bound_call`` (:func:`_bound_call_type`).
+_BoundCall: "Any" = None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.args[0], name)
 
-    @property
-    def __wrapped__(self) -> Any:
-        return self.args[0]
+def _bound_call_type() -> "Any":
+    """The class of an instance's own binding of a per-instance patch with a ``bound_call``.
 
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        return self.args[0].__doc__  # type: ignore[no-any-return]
+    Made on first use: ``_functools`` and the class cost 0.9M instructions, and
+    ``import agent`` does not bind anything (``functools`` itself imports
+    ``collections``: 10.9M).
+    """
+    global _BoundCall
+    if _BoundCall is not None:
+        return _BoundCall
+    if TYPE_CHECKING:
+        from functools import partial
+    else:  # functools' own partial: functools imports collections
+        from _functools import partial
 
-    def __repr__(self) -> str:
-        return repr(self.args[0])
+    class BoundCall(partial):  # type: ignore[type-arg]
+        # ``bound_call(method, *args)``, called by partial's C code. It shows the bound
+        # method it stands for: its attributes (``__self__``, ``__func__``, ``__name__``),
+        # its ``__wrapped__`` (so inspect.signature gives the method's) and its repr.
+        __slots__ = ()
+
+        def __getattr__(self, name: "str") -> "Any":
+            return getattr(self.args[0], name)
+
+        @property
+        def __wrapped__(self) -> "Any":
+            return self.args[0]
+
+        @property
+        def __doc__(self) -> "str | None":  # type: ignore[override]
+            return self.args[0].__doc__  # type: ignore[no-any-return]
+
+        def __repr__(self) -> "str":
+            return repr(self.args[0])
+
+    BoundCall.__name__ = BoundCall.__qualname__ = "_BoundCall"
+    _BoundCall = BoundCall
+    return BoundCall
 
 
 #: Code flags that change how a call's arguments are taken: ``*args``, ``**kwargs``.
 _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08
 
 
-def _named_like(call: Any, original: Any) -> Any:
+def _named_like(call: "Any", original: "Any") -> "Any":
     """A copy of ``call`` named as ``original``, if after the first parameter both take
     the same ones (so that a call that does not fit is refused with the original's
     message); else ``None``."""
@@ -409,7 +432,7 @@ def _named_like(call: Any, original: Any) -> Any:
 _DIRECT_MARK = "__talisker_agent_direct__"
 
 
-def _direct_function(factory: Any, original: Any) -> Any:
+def _direct_function(factory: "Any", original: "Any") -> "Any":
     """The function ``factory`` makes for ``original``, named as it, or ``None`` if
     it does not take the same parameters with the same defaults."""
     made = factory(original)
@@ -426,24 +449,24 @@ def _direct_function(factory: Any, original: Any) -> Any:
     return direct
 
 
-def _is_direct(obj: Any) -> bool:
+def _is_direct(obj: "Any") -> "bool":
     return type(obj) is FunctionType and _DIRECT_MARK in obj.__dict__
 
 
-def is_ours(obj: Any) -> bool:
+def is_ours(obj: "Any") -> "bool":
     """Whether ``obj`` (a class's or module's attribute) is a patch of the agent's."""
     return _is_direct(obj) or (_wrapper_class is not None and isinstance(obj, _wrapper_class))
 
 
-def _forget(instances: dict[int, Any], ident: int) -> Any:
-    def forget(dead: Any) -> None:
+def _forget(instances: "dict[int, Any]", ident: "int") -> "Any":
+    def forget(dead: "Any") -> "None":
         if instances.get(ident) is dead:
             del instances[ident]
 
     return forget
 
 
-def _unbind_instances(record: _Applied) -> None:
+def _unbind_instances(record: "_Applied") -> "None":
     """Take a per-instance patch's bound wrappers out of the instances that still hold them."""
     marker = wrapper_class()
     for alive in list(record.instances.values()):
@@ -452,12 +475,13 @@ def _unbind_instances(record: _Applied) -> None:
         if type(own) is not dict:
             continue
         bound = own.get(record.attr)
-        if isinstance(bound, (marker, _BoundCall)) and getattr(bound, "__self__", None) is instance:
+        ours = isinstance(bound, marker) or (_BoundCall is not None and type(bound) is _BoundCall)
+        if ours and getattr(bound, "__self__", None) is instance:
             del own[record.attr]
     record.instances = None
 
 
-def target_version(name: str) -> str:
+def target_version(name: "str") -> "str":
     """The installed version of an instrumentation's target library, from its metadata."""
     from importlib import metadata
 
@@ -472,7 +496,7 @@ def target_version(name: str) -> str:
     return "version unknown"
 
 
-def wrapper_class() -> type:
+def wrapper_class() -> "type":
     """The marker subclass of ``wrapt.FunctionWrapper`` that all agent patches use."""
     global _wrapper_class, _importing_wrapt
     if _wrapper_class is None:
@@ -522,13 +546,16 @@ def wrapper_class() -> type:
 class PostImportFinder:
     """A meta path finder that calls ``hook(module)`` after a watched module loads."""
 
-    def __init__(self, hook: Hook, names: Sequence[str]) -> None:
+    def __init__(self, hook: "Hook", names: "Sequence[str]") -> "None":
         self.hook = hook
         self.names = frozenset(names)
 
     def find_spec(
-        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
+        self,
+        fullname: "str",
+        path: "Sequence[str] | None" = None,
+        target: "ModuleType | None" = None,
+    ) -> "ModuleSpec | None":
         if fullname not in self.names:
             return None  # every import in the process passes here: keep it to one lookup
         for finder in sys.meta_path:
@@ -551,15 +578,15 @@ class PostImportFinder:
 class _HookingLoader:
     """Delegates to the real loader; runs the hook after ``exec_module``."""
 
-    def __init__(self, loader: Any, hook: Hook) -> None:
+    def __init__(self, loader: "Any", hook: "Hook") -> "None":
         self._loader = loader
         self._hook = hook
 
-    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: "ModuleSpec") -> "ModuleType | None":
         create = getattr(self._loader, "create_module", None)
         return create(spec) if create is not None else None
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> "None":
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
@@ -571,5 +598,5 @@ class _HookingLoader:
 
             log_once(f"hook:{module.__name__}", "agent: post-import hook failed", exc_info=True)
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: "str") -> "Any":
         return getattr(self._loader, name)

@@ -6,10 +6,13 @@ a tuple of :class:`Patch`), the versions of its library it supports
 (``SUPPORTED``, checked when it installs and shown by ``talisker-run --check``)
 and, if it has any, the ``API_PATCHES`` that stay in when it is turned off.
 
-:data:`TARGETS` is the list of instrumentations and the modules whose import
-puts each in. It is kept here, not read from the modules, so that watching for
-the targets costs no import; a test checks it against each module's patches.
-Adding a target is adding its module and one line here.
+:data:`agent.config.TARGETS` is the list of instrumentations and the modules
+whose import puts each in. It is not read from the modules, so that watching for
+the targets costs no import. It is kept in the configuration, which checks
+``TALISKER_DISABLED_INSTRUMENTATIONS`` against it and is on the start-up path, so
+that start-up does not load this package as well (a module costs about 0.5M
+instructions and eight system calls). A test checks it against each module's
+patches. Adding a target is adding its module here and one line there.
 """
 
 from __future__ import annotations
@@ -21,33 +24,7 @@ if TYPE_CHECKING:
 
     Wrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 
-__all__ = ["API_TARGETS", "NAMES", "TARGETS", "Patch", "describe_supported", "supports"]
-
-#: instrumentation name -> the modules whose import triggers it, in the order
-#: they are documented. An instrumentation may also patch modules that these
-#: import first (urllib3's ``util.retry``): they are patched when it goes in.
-TARGETS: dict[str, tuple[str, ...]] = {
-    "urllib3": ("urllib3.connectionpool", "urllib3.poolmanager"),
-    "requests": ("requests.sessions",),
-    "psycopg2": ("psycopg2",),
-    "flask": ("flask.app",),
-    "httpx": ("httpx",),
-    "aiohttp": ("aiohttp.client", "aiohttp.web_app"),
-    "asyncio": ("asyncio.base_events", "uvloop"),
-    "starlette": ("starlette.applications",),
-}
-
-#: instrumentation name -> modules whose import triggers its ``API_PATCHES`` when
-#: the instrumentation itself is off (``TALISKER_ENABLED=false`` or listed in
-#: ``TALISKER_DISABLED_INSTRUMENTATIONS``): an application written against the
-#: agent's documented API (requests' ``metric_api_name=``) must keep working
-#: when an operator turns the agent off.
-API_TARGETS: dict[str, tuple[str, ...]] = {
-    "requests": ("requests.sessions",),
-}
-
-#: The instrumentations' names, as ``TALISKER_DISABLED_INSTRUMENTATIONS`` takes them.
-NAMES: tuple[str, ...] = tuple(TARGETS)
+__all__ = ["Patch", "describe_supported", "supports"]
 
 
 class Patch:
