@@ -135,12 +135,14 @@ def _initializing(module: "ModuleType") -> "bool":
 
 def _on_import(module: "ModuleType") -> "None":
     """Post-import hook: apply the patches of every instrumentation watching ``module``."""
+    imported = module.__name__
+    if not imported.startswith(_PREFIX):
+        _load_outside_the_lock(imported)
     with _lock:
         if _importing_wrapt:
             # wrapt's own import brings in a target (asyncio): patch it once wrapt is in.
             _pending.append(module)
             return
-        imported = module.__name__
         if imported.startswith(_PREFIX):  # an instrumentation, its body run
             name = imported[len(_PREFIX) :]
             if name in _enabled:
@@ -157,6 +159,29 @@ def _on_import(module: "ModuleType") -> "None":
 
 
 _PREFIX = "agent.instrumentation."
+
+
+def _load_outside_the_lock(imported: "str") -> "None":
+    """Import the instrumentations that ``imported`` puts in, before the lock is taken.
+
+    An import waits for another thread's import of the same module, and that
+    thread's own post-import hook (its instrumentation's body imports the target)
+    waits for the lock: a thread importing ``agent.instrumentation.urllib3`` itself
+    while another imports urllib3 would deadlock if the second held the lock while
+    it imported. Python resolves a cycle of module locks alone, not one through a
+    lock of ours. What fails here is left to :func:`_apply_instrumentation` (under
+    the lock), which logs it; the import is never made while wrapt is being
+    imported (the ``_pending`` case, whose instrumentations may import wrapt).
+    """
+    if _importing_wrapt:
+        return
+    for names, targets in ((_enabled, TARGETS), (_api_only, API_TARGETS)):
+        for name in names:
+            if imported in targets[name] and _PREFIX + name not in sys.modules:
+                try:
+                    __import__(_PREFIX + name)
+                except Exception:  # pragma: no cover - logged under the lock, where it is retried
+                    pass
 
 
 def _apply_instrumentation(

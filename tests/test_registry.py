@@ -148,6 +148,77 @@ def test_an_instrumentation_imported_before_its_target_still_applies(target):
     all_points(json.loads(proc.stdout.strip().splitlines()[-1]), ours=True, layers=1)
 
 
+def test_a_thread_importing_an_instrumentation_while_another_imports_its_target_does_not_deadlock():
+    # Thread A imports agent.instrumentation.urllib3 itself; it is held where it has that
+    # module's import lock but the module is not yet in sys.modules (creating it: the
+    # finders run under Python's global import lock, which would hold B up too), until
+    # thread B, importing urllib3, waits for that lock from its post-import hook. B used to wait
+    # there holding the registry's lock, which A's own hook then waited for: a deadlock
+    # that Python's detection of circular module locks cannot see.
+    proc = run_python(
+        program(
+            """
+            import threading, time
+            import importlib._bootstrap as bootstrap
+            import agent
+
+            NAME = "agent.instrumentation.urllib3"
+            in_window = threading.Event()
+            waited = []
+
+            class HoldingLoader:  # creates the module only once B waits for its lock
+                def __init__(self, loader):
+                    self.loader = loader
+
+                def create_module(self, spec):
+                    in_window.set()
+                    for _ in range(3000):  # B waits for the lock within 30 s, or A goes on
+                        ref = bootstrap._module_locks.get(NAME)
+                        lock = ref() if ref is not None else None
+                        if lock is not None and lock.waiters:
+                            waited.append(True)
+                            break
+                        time.sleep(0.01)
+                    return None
+
+                def exec_module(self, module):
+                    module.__loader__ = module.__spec__.loader = self.loader
+                    self.loader.exec_module(module)
+
+            class Hold:  # after the agent's finder, which wraps what this finds (not locked)
+                def find_spec(self, fullname, path=None, target=None):
+                    if fullname != NAME or threading.current_thread().name != "A":
+                        return None
+                    from importlib.machinery import PathFinder
+
+                    spec = PathFinder.find_spec(fullname, path)
+                    spec.loader = HoldingLoader(spec.loader)
+                    return spec
+
+            sys.meta_path.insert(1, Hold())
+            a = threading.Thread(target=__import__, args=(NAME,), name="A", daemon=True)
+            b = threading.Thread(target=__import__, args=("urllib3",), name="B", daemon=True)
+            a.start()
+            in_window.wait()
+            b.start()
+            a.join(40)
+            b.join(40)
+            print(json.dumps([a.is_alive(), b.is_alive(), waited, report({})]))
+            """
+        ),
+        ENV,
+        timeout=110,  # under pytest's own limit, so that a deadlock reads as one
+    )
+    assert proc.returncode == 0, proc.stderr
+    a_alive, b_alive, waited, state = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert waited == [True], "B never waited for A's import: the test did not set up the race"
+    assert not a_alive and not b_alive, "deadlocked"
+    assert "failed" not in proc.stderr, proc.stderr
+    points = {f"{m}:{o}.{a}" for m, o, a in TARGETS["urllib3"]}
+    assert points <= set(state)
+    all_points({key: state[key] for key in points}, ours=True, layers=1)
+
+
 def test_install_twice_wraps_once_and_uninstall_restores_originals():
     state = run(
         """
