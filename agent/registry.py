@@ -134,15 +134,21 @@ def _initializing(module: "ModuleType") -> "bool":
 
 
 def _on_import(module: "ModuleType") -> "None":
-    """Post-import hook: apply the patches of every instrumentation watching ``module``."""
+    """Post-import hook: apply the patches of every instrumentation watching ``module``.
+
+    Nothing is imported while the registry's lock is held (but under
+    :func:`install`, at start-up): an import waits for another thread's import of
+    the same module, and that thread's own post-import hook may be waiting for the
+    lock, a cycle that Python's detection of circular imports cannot see. So wrapt
+    (:func:`_load_wrapt`) and the instrumentations (:func:`_load_outside_the_lock`)
+    are imported first, and the patches applied under the lock.
+    """
+    if _wrapper_class is None and not _load_wrapt(module):
+        return  # left to the thread importing wrapt
     imported = module.__name__
     if not imported.startswith(_PREFIX):
         _load_outside_the_lock(imported)
     with _lock:
-        if _importing_wrapt:
-            # wrapt's own import brings in a target (asyncio): patch it once wrapt is in.
-            _pending.append(module)
-            return
         if imported.startswith(_PREFIX):  # an instrumentation, its body run
             name = imported[len(_PREFIX) :]
             if name in _enabled:
@@ -158,6 +164,40 @@ def _on_import(module: "ModuleType") -> "None":
                 _apply_instrumentation(name, "API_PATCHES")
 
 
+def _load_wrapt(module: "ModuleType") -> "bool":
+    """Import wrapt outside the lock and make the wrapper class; ``False`` if ``module``
+    was left for the thread importing wrapt to patch (``_pending``).
+
+    wrapt imports asyncio, a target: its hook runs while wrapt is half imported, in
+    this thread, or in a thread importing asyncio itself while this one waits for
+    it. Either way the module waits in ``_pending`` (no lock held while waiting for
+    an import, and none taken for long), and this thread patches it once wrapt is in.
+    """
+    global _importing_wrapt
+    with _lock:
+        if _wrapper_class is not None:
+            return True
+        if _importing_wrapt:
+            _pending.append(module)
+            return False
+        _importing_wrapt = True
+    try:
+        import wrapt  # noqa: F401
+    except Exception:  # pragma: no cover - wrapper_class() tries again, and _apply logs it
+        pass
+    with _lock:
+        _importing_wrapt = False
+        pending = _pending[:]
+        del _pending[:]
+        try:
+            wrapper_class()
+        except Exception:  # each patch that needs it logs the failure (_apply)
+            pass
+    for waiting in pending:
+        _on_import(waiting)
+    return True
+
+
 _PREFIX = "agent.instrumentation."
 
 
@@ -170,11 +210,8 @@ def _load_outside_the_lock(imported: "str") -> "None":
     while another imports urllib3 would deadlock if the second held the lock while
     it imported. Python resolves a cycle of module locks alone, not one through a
     lock of ours. What fails here is left to :func:`_apply_instrumentation` (under
-    the lock), which logs it; the import is never made while wrapt is being
-    imported (the ``_pending`` case, whose instrumentations may import wrapt).
+    the lock), which logs it.
     """
-    if _importing_wrapt:
-        return
     for names, targets in ((_enabled, TARGETS), (_api_only, API_TARGETS)):
         for name in names:
             if imported in targets[name] and _PREFIX + name not in sys.modules:

@@ -219,6 +219,89 @@ def test_a_thread_importing_an_instrumentation_while_another_imports_its_target_
     all_points({key: state[key] for key in points}, ours=True, layers=1)
 
 
+def test_a_thread_importing_asyncio_while_another_imports_wrapt_does_not_deadlock():
+    # Thread A imports urllib3, the first target: its hook imports wrapt, which imports
+    # asyncio. Thread B is importing asyncio itself, and asyncio.base_events' hook is
+    # running, with asyncio's import lock held. A is held as it creates wrapt's module
+    # until B has finished or waits for the registry's lock: A used to import wrapt
+    # holding that lock, then wait for B's asyncio while B waited for the lock.
+    proc = run_python(
+        program(
+            """
+            import inspect, threading, time
+            import agent
+            from agent import registry
+
+            lines, first = inspect.getsourcelines(registry._on_import)
+            LOCKED = [first + i for i, line in enumerate(lines) if "with _lock:" in line]
+            b_started = threading.Event()
+            waited = []
+
+            def b_blocked_or_done():
+                if b.ident is None:
+                    return None  # not started yet
+                frame = sys._current_frames().get(b.ident)
+                if frame is None:
+                    return "done"
+                code = frame.f_code
+                if code is registry._on_import.__code__ and frame.f_lineno in LOCKED:
+                    return "blocked"
+                return None
+
+            class HoldingLoader:  # creates wrapt's module once B is done or blocked
+                def __init__(self, loader):
+                    self.loader = loader
+
+                def create_module(self, spec):
+                    b_started.set()
+                    for _ in range(3000):  # within 30 s, or A goes on
+                        state = b_blocked_or_done()
+                        if state is not None:
+                            waited.append(state)
+                            break
+                        time.sleep(0.01)
+                    return None
+
+                def exec_module(self, module):
+                    module.__loader__ = module.__spec__.loader = self.loader
+                    self.loader.exec_module(module)
+
+            class Hold:
+                def find_spec(self, fullname, path=None, target=None):
+                    if fullname != "wrapt" or threading.current_thread().name != "A":
+                        return None
+                    from importlib.machinery import PathFinder
+
+                    spec = PathFinder.find_spec(fullname, path)
+                    spec.loader = HoldingLoader(spec.loader)
+                    return spec
+
+            assert "wrapt" not in sys.modules and "asyncio" not in sys.modules
+            sys.meta_path.insert(1, Hold())
+            a = threading.Thread(target=__import__, args=("urllib3",), name="A", daemon=True)
+            b = threading.Thread(target=__import__, args=("asyncio",), name="B", daemon=True)
+            a.start()
+            b_started.wait(30)
+            b.start()
+            a.join(40)
+            b.join(40)
+            print(json.dumps([a.is_alive(), b.is_alive(), waited, report({})]))
+            """
+        ),
+        ENV,
+        timeout=110,  # under pytest's own limit, so that a deadlock reads as one
+    )
+    assert proc.returncode == 0, proc.stderr
+    a_alive, b_alive, waited, state = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert waited, "A was never held: the test did not set up the race"
+    assert not a_alive and not b_alive, f"deadlocked (B {waited[0]} while A imported wrapt)"
+    assert "failed" not in proc.stderr, proc.stderr
+    points = {f"{m}:{o}.{a}" for t in ("urllib3", "asyncio") for m, o, a in TARGETS[t]}
+    points.discard("uvloop:Loop.run_in_executor")
+    assert points <= set(state)
+    all_points({key: state[key] for key in points}, ours=True, layers=1)
+
+
 def test_install_twice_wraps_once_and_uninstall_restores_originals():
     state = run(
         """
