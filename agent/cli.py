@@ -12,7 +12,7 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from typing import TextIO
 
-    from agent.metrics.destination import Destination
+    from agent.config import Destination
 
 USAGE = """\
 usage: talisker-run [--check] [--print-metrics] CMD [ARGS...]

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent import config, metrics
-from agent.config import SETTINGS, ConfigError, load
-from agent.metrics.destination import Destination
+from agent.config import SETTINGS, ConfigError, Destination, load
 from tests.support.proc import run_python
 
 ROOT = Path(__file__).resolve().parents[1]

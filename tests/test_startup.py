@@ -58,15 +58,23 @@ def test_import_agent_imports_no_target_and_nothing_heavy(enabled):
     assert json.loads(out) == []
 
 
-@pytest.mark.parametrize("enabled", ["true", "false"])
-def test_import_agent_loads_only_the_start_up_modules_of_ours(enabled):
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"TALISKER_ENABLED": "true"},
+        {"TALISKER_ENABLED": "false"},
+        {"DD_DOGSTATSD_URL": "udp://127.0.0.1:9"},  # a Destination made at start-up
+        {"STATSD_DSN": "udp://127.0.0.1:9/app", "TALISKER_DISABLED_INSTRUMENTATIONS": "flask"},
+    ],
+)
+def test_import_agent_loads_only_the_start_up_modules_of_ours(env):
     out = check_python(
         """
         import json, sys
         import agent
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "agent")))
         """,
-        {"TALISKER_ENABLED": enabled},
+        env,
     )
     assert json.loads(out) == STARTUP_MODULES
 

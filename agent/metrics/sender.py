@@ -44,8 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from typing import Any
 
-    from agent.config import Config
-    from agent.metrics.destination import Destination
+    from agent.config import Config, Destination
     from agent.metrics.worker import Losses
 
     Context = tuple[str, tuple[str, ...]]
