@@ -16,7 +16,7 @@ is imported by the application (or was already, when :func:`install` runs).
 import sys
 from _thread import RLock
 
-from agent import _log
+from agent import _fork, _log
 from agent.config import API_TARGETS, NAMES, TARGETS
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
@@ -66,6 +66,17 @@ _applied: "dict[tuple[str, str], _Applied]" = {}
 _wrapper_class: "type | None" = None
 _importing_wrapt = False
 _pending: "list[ModuleType]" = []  # imported while wrapt was being imported
+
+
+def _after_fork_in_child() -> "None":
+    # A thread of the parent may have held the lock (or been importing wrapt) at the
+    # fork: it does not exist in the child, which would wait for it at its next import.
+    global _lock, _importing_wrapt
+    _lock = RLock()
+    _importing_wrapt = False
+
+
+_fork.after_in_child(_fork.RESET, _after_fork_in_child)
 
 
 def installed() -> "bool":

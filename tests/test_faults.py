@@ -100,6 +100,60 @@ def test_a_forked_child_sends_its_own_metrics_and_not_the_parents(statsd):
     assert len(senders) == 2  # the child sent from a socket of its own
 
 
+def test_a_fork_while_another_thread_holds_the_agents_locks_leaves_the_child_working():
+    # A thread of the parent holds every lock of the agent's that a call or an import
+    # takes (the registry's, the circuit breakers' and the retry budgets'); the child
+    # then imports a target and uses a breaker and a budget. It used to wait forever
+    # for locks whose holder does not exist in the child.
+    code = """
+        import os, threading, time
+        import agent
+        from agent import registry
+        from agent.http import breaker, retry
+        assert agent.install()
+        assert "urllib3" not in sys.modules
+        peer = breaker.breaker_for({"*": breaker.DEFAULTS}, "peer:1")
+        budget = retry.budget_for("peer:1")
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with registry._lock, breaker._breakers_lock, peer._lock:
+                with retry._budgets_lock, budget._lock:
+                    held.set()
+                    release.wait()
+
+        threading.Thread(target=hold, daemon=True).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            import urllib3  # its post-import hook takes the registry's lock
+
+            ours = registry.is_ours(vars(urllib3.connectionpool.HTTPConnectionPool)["urlopen"])
+            breaker.breaker_for({"*": breaker.DEFAULTS}, "peer:2")  # the breakers' lock
+            peer.state = breaker.OPEN
+            peer.allow()  # a breaker that is not closed takes its own lock
+            budget.failure()
+            retry.budget_for("peer:2")  # the budgets' lock
+            os._exit(0 if ours else 3)
+        release.set()
+        for _ in range(450):  # 45 s
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print("exit", os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("hung")
+    """
+    proc = run_python(
+        "import sys\n" + textwrap.dedent(code), {"TALISKER_METRICS_ENABLED": "false"}, timeout=110
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["exit", "0"], (proc.stdout, proc.stderr)
+
+
 # The issue's repro: forks while the first metric starts the metrics thread. Each
 # child must import urllib.parse and flush; a child forked while the metrics thread
 # was importing got a half-initialised module (a hang or an ImportError).

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from _thread import allocate_lock
 
-from agent import _log, metrics
+from agent import _fork, _log, metrics
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -150,6 +150,18 @@ class Breaker:
 
 _breakers: dict[str, Breaker] = {}
 _breakers_lock = allocate_lock()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child keeps its parent's breakers, with locks of its own: one held by a
+    # thread of the parent at the fork would never be released in the child.
+    global _breakers_lock
+    _breakers_lock = allocate_lock()
+    for breaker in list(_breakers.values()):
+        breaker._lock = allocate_lock()
+
+
+_fork.after_in_child(_fork.RESET, _after_fork_in_child)
 
 
 def breaker_for(config: Mapping[str, tuple[float, int, float, float]], peer: str) -> Breaker | None:

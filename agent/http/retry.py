@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from _thread import allocate_lock
 
+from agent import _fork
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -82,6 +84,18 @@ class Budget:
 
 _budgets: dict[str, Budget] = {}
 _budgets_lock = allocate_lock()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child starts with its parent's budgets, with locks of its own: one held
+    # by a thread of the parent at the fork would never be released in the child.
+    global _budgets_lock
+    _budgets_lock = allocate_lock()
+    for budget in list(_budgets.values()):
+        budget._lock = allocate_lock()
+
+
+_fork.after_in_child(_fork.RESET, _after_fork_in_child)
 
 
 def budget_for(peer: str) -> Budget:
