@@ -148,72 +148,93 @@ def test_an_instrumentation_imported_before_its_target_still_applies(target):
     all_points(json.loads(proc.stdout.strip().splitlines()[-1]), ours=True, layers=1)
 
 
-def test_a_thread_importing_an_instrumentation_while_another_imports_its_target_does_not_deadlock():
-    # Thread A imports agent.instrumentation.urllib3 itself; it is held where it has that
-    # module's import lock but the module is not yet in sys.modules (creating it: the
-    # finders run under Python's global import lock, which would hold B up too), until
-    # thread B, importing urllib3, waits for that lock from its post-import hook. B used to wait
-    # there holding the registry's lock, which A's own hook then waited for: a deadlock
-    # that Python's detection of circular module locks cannot see.
+# The two threads of an import race: thread A's import of `name` is held as it creates
+# the module (where it has that module's import lock and no other: the finders run
+# under Python's global import lock, which would hold thread B up too) until
+# `until(B)` gives a state, within 30 s. Then both threads are joined, and the program
+# prints whether each is still alive, the state A was let go on, and the patch points.
+RACE = """
+import threading, time
+
+def race(name, until, a_imports, b_imports):
+    holding = threading.Event()
+    waited = []
+    a = threading.Thread(target=__import__, args=(a_imports,), name="A", daemon=True)
+    b = threading.Thread(target=__import__, args=(b_imports,), name="B", daemon=True)
+
+    class HoldingLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def create_module(self, spec):
+            holding.set()
+            for _ in range(3000):  # within 30 s, or A goes on
+                state = until(b)
+                if state is not None:
+                    waited.append(state)
+                    break
+                time.sleep(0.01)
+            return None
+
+        def exec_module(self, module):
+            module.__loader__ = module.__spec__.loader = self.loader
+            self.loader.exec_module(module)
+
+    class Hold:  # after the agent's finder, which wraps what this finds
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != name or threading.current_thread().name != "A":
+                return None
+            from importlib.machinery import PathFinder
+
+            spec = PathFinder.find_spec(fullname, path)
+            spec.loader = HoldingLoader(spec.loader)
+            return spec
+
+    sys.meta_path.insert(1, Hold())
+    a.start()
+    holding.wait(30)
+    b.start()
+    a.join(40)
+    b.join(40)
+    print(json.dumps([a.is_alive(), b.is_alive(), waited, report({})]))
+"""
+
+
+def run_race(body: str) -> tuple[bool, bool, list, dict]:
     proc = run_python(
-        program(
-            """
-            import threading, time
-            import importlib._bootstrap as bootstrap
-            import agent
-
-            NAME = "agent.instrumentation.urllib3"
-            in_window = threading.Event()
-            waited = []
-
-            class HoldingLoader:  # creates the module only once B waits for its lock
-                def __init__(self, loader):
-                    self.loader = loader
-
-                def create_module(self, spec):
-                    in_window.set()
-                    for _ in range(3000):  # B waits for the lock within 30 s, or A goes on
-                        ref = bootstrap._module_locks.get(NAME)
-                        lock = ref() if ref is not None else None
-                        if lock is not None and lock.waiters:
-                            waited.append(True)
-                            break
-                        time.sleep(0.01)
-                    return None
-
-                def exec_module(self, module):
-                    module.__loader__ = module.__spec__.loader = self.loader
-                    self.loader.exec_module(module)
-
-            class Hold:  # after the agent's finder, which wraps what this finds (not locked)
-                def find_spec(self, fullname, path=None, target=None):
-                    if fullname != NAME or threading.current_thread().name != "A":
-                        return None
-                    from importlib.machinery import PathFinder
-
-                    spec = PathFinder.find_spec(fullname, path)
-                    spec.loader = HoldingLoader(spec.loader)
-                    return spec
-
-            sys.meta_path.insert(1, Hold())
-            a = threading.Thread(target=__import__, args=(NAME,), name="A", daemon=True)
-            b = threading.Thread(target=__import__, args=("urllib3",), name="B", daemon=True)
-            a.start()
-            in_window.wait()
-            b.start()
-            a.join(40)
-            b.join(40)
-            print(json.dumps([a.is_alive(), b.is_alive(), waited, report({})]))
-            """
-        ),
+        program(RACE + textwrap.dedent(body)),
         ENV,
         timeout=110,  # under pytest's own limit, so that a deadlock reads as one
     )
     assert proc.returncode == 0, proc.stderr
+    assert "failed" not in proc.stderr, proc.stderr
     a_alive, b_alive, waited, state = json.loads(proc.stdout.strip().splitlines()[-1])
+    return a_alive, b_alive, waited, state
+
+
+def test_a_thread_importing_an_instrumentation_while_another_imports_its_target_does_not_deadlock():
+    # Thread A imports agent.instrumentation.urllib3 itself; it is held before the module
+    # is in sys.modules until thread B, importing urllib3, waits for that module's lock
+    # from its post-import hook. B used to wait there holding the registry's lock, which
+    # A's own hook then waited for: a deadlock that Python's detection of circular module
+    # locks cannot see.
+    a_alive, b_alive, waited, state = run_race(
+        """
+        import importlib._bootstrap as bootstrap
+        import agent
+
+        NAME = "agent.instrumentation.urllib3"
+
+        def b_waits(b):
+            ref = bootstrap._module_locks.get(NAME)
+            lock = ref() if ref is not None else None
+            return True if lock is not None and lock.waiters else None
+
+        race(NAME, b_waits, NAME, "urllib3")
+        """
+    )
     assert waited == [True], "B never waited for A's import: the test did not set up the race"
     assert not a_alive and not b_alive, "deadlocked"
-    assert "failed" not in proc.stderr, proc.stderr
     points = {f"{m}:{o}.{a}" for m, o, a in TARGETS["urllib3"]}
     assert points <= set(state)
     all_points({key: state[key] for key in points}, ours=True, layers=1)
@@ -225,77 +246,30 @@ def test_a_thread_importing_asyncio_while_another_imports_wrapt_does_not_deadloc
     # running, with asyncio's import lock held. A is held as it creates wrapt's module
     # until B has finished or waits for the registry's lock: A used to import wrapt
     # holding that lock, then wait for B's asyncio while B waited for the lock.
-    proc = run_python(
-        program(
-            """
-            import inspect, threading, time
-            import agent
-            from agent import registry
+    a_alive, b_alive, waited, state = run_race(
+        """
+        import inspect
+        import agent
+        from agent import registry
 
-            lines, first = inspect.getsourcelines(registry._on_import)
-            LOCKED = [first + i for i, line in enumerate(lines) if "with _lock:" in line]
-            b_started = threading.Event()
-            waited = []
+        lines, first = inspect.getsourcelines(registry._on_import)
+        LOCKED = [first + i for i, line in enumerate(lines) if "with _lock:" in line]
+        def b_blocked_or_done(b):
+            if b.ident is None:
+                return None  # not started yet
+            frame = sys._current_frames().get(b.ident)
+            if frame is None:
+                return "done"
+            if frame.f_code is registry._on_import.__code__ and frame.f_lineno in LOCKED:
+                return "blocked"
+            return None
 
-            def b_blocked_or_done():
-                if b.ident is None:
-                    return None  # not started yet
-                frame = sys._current_frames().get(b.ident)
-                if frame is None:
-                    return "done"
-                code = frame.f_code
-                if code is registry._on_import.__code__ and frame.f_lineno in LOCKED:
-                    return "blocked"
-                return None
-
-            class HoldingLoader:  # creates wrapt's module once B is done or blocked
-                def __init__(self, loader):
-                    self.loader = loader
-
-                def create_module(self, spec):
-                    b_started.set()
-                    for _ in range(3000):  # within 30 s, or A goes on
-                        state = b_blocked_or_done()
-                        if state is not None:
-                            waited.append(state)
-                            break
-                        time.sleep(0.01)
-                    return None
-
-                def exec_module(self, module):
-                    module.__loader__ = module.__spec__.loader = self.loader
-                    self.loader.exec_module(module)
-
-            class Hold:
-                def find_spec(self, fullname, path=None, target=None):
-                    if fullname != "wrapt" or threading.current_thread().name != "A":
-                        return None
-                    from importlib.machinery import PathFinder
-
-                    spec = PathFinder.find_spec(fullname, path)
-                    spec.loader = HoldingLoader(spec.loader)
-                    return spec
-
-            assert "wrapt" not in sys.modules and "asyncio" not in sys.modules
-            sys.meta_path.insert(1, Hold())
-            a = threading.Thread(target=__import__, args=("urllib3",), name="A", daemon=True)
-            b = threading.Thread(target=__import__, args=("asyncio",), name="B", daemon=True)
-            a.start()
-            b_started.wait(30)
-            b.start()
-            a.join(40)
-            b.join(40)
-            print(json.dumps([a.is_alive(), b.is_alive(), waited, report({})]))
-            """
-        ),
-        ENV,
-        timeout=110,  # under pytest's own limit, so that a deadlock reads as one
+        assert "wrapt" not in sys.modules and "asyncio" not in sys.modules
+        race("wrapt", b_blocked_or_done, "urllib3", "asyncio")
+        """
     )
-    assert proc.returncode == 0, proc.stderr
-    a_alive, b_alive, waited, state = json.loads(proc.stdout.strip().splitlines()[-1])
     assert waited, "A was never held: the test did not set up the race"
     assert not a_alive and not b_alive, f"deadlocked (B {waited[0]} while A imported wrapt)"
-    assert "failed" not in proc.stderr, proc.stderr
     points = {f"{m}:{o}.{a}" for t in ("urllib3", "asyncio") for m, o, a in TARGETS[t]}
     points.discard("uvloop:Loop.run_in_executor")
     assert points <= set(state)
