@@ -33,6 +33,10 @@ WRAPT_TARGETS = {
     ),
     "wsgi": (("flask.app", "Flask.wsgi_app"),),
 }
+WRAPT_TARGETS["httpx"] = (
+    ("httpx", "Client.send"),
+    ("httpx", "HTTPTransport.handle_request"),
+)
 WRAPT_TARGETS["requests"] = (
     *WRAPT_TARGETS["urllib3"],
     ("requests.sessions", "Session.send"),
@@ -124,7 +128,29 @@ def run_requests(mode: str, n: int) -> float:
     import requests
 
     check_instrumented(mode, requests.sessions.Session, "send")
-    session = requests.Session()
+    return run_client(mode, n, requests.Session(), "requests")
+
+
+def check_httpx(mode: str) -> None:
+    """ddtrace wraps ``Client.send``, OpenTelemetry the transport, the agent (and wrapt) both."""
+    import httpx
+
+    if mode != "otel":
+        check_instrumented(mode, httpx.Client, "send")
+    if mode != "ddtrace":
+        check_instrumented(mode, httpx.HTTPTransport, "handle_request")
+
+
+def run_httpx(mode: str, n: int) -> float:
+    import httpx
+
+    check_httpx(mode)
+    with httpx.Client() as client:
+        return run_client(mode, n, client, "httpx")
+
+
+def run_client(mode: str, n: int, client: Any, library: str) -> float:
+    """N keep-alive GETs through a ``requests.Session`` or an ``httpx.Client``."""
     url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
     if mode in ("hand", "wrapt"):
         import byhand
@@ -132,12 +158,12 @@ def run_requests(mode: str, n: int) -> float:
         request, get = hand_request(), byhand.requests_get
         start = time.perf_counter()
         for _ in range(n):
-            get(session, request, url)
+            get(client, request, url, library)
         return time.perf_counter() - start
     with scope(mode):
         start = time.perf_counter()
         for _ in range(n):
-            session.get(url).content  # noqa: B018
+            client.get(url).content  # noqa: B018
         return time.perf_counter() - start
 
 
@@ -286,6 +312,7 @@ def run_idle(mode: str, n: int) -> float:
 PATHS = {
     "urllib3": run_urllib3,
     "requests": run_requests,
+    "httpx": run_httpx,
     "psycopg2-autocommit": run_pg_autocommit,
     "psycopg2-transaction": run_pg_transaction,
     "wsgi": run_wsgi,

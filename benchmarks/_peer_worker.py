@@ -11,7 +11,7 @@ instrumentation is in place, warms up, and prints ``ready``. Then each line
 KIND is ``peer`` (the loop, which the peer instruments) or, for psycopg2,
 ``raw`` (psycopg2's own cursor on the same connection, which the peer does
 not touch: the peer's baseline on its own backend). Paths: ``urllib3``,
-``requests``, ``psycopg2-autocommit``, ``psycopg2-transaction``.
+``requests``, ``httpx``, ``psycopg2-autocommit``, ``psycopg2-transaction``.
 
 Between rounds, outside the timing, the peer's tracer is flushed once
 :data:`FLUSH_EVERY` calls have been made since the last flush (the agent's
@@ -29,8 +29,9 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
-from _instructions_child import _pg_connect, check_instrumented
+from _instructions_child import _pg_connect, check_httpx, check_instrumented
 
 WARM_UP = 200
 #: Calls between two flushes of the peer's tracer.
@@ -62,9 +63,19 @@ def setup_requests(mode: str) -> dict[str, Callable[[], object]]:
     import requests
 
     check_instrumented(mode, requests.sessions.Session, "send")
-    session = requests.Session()
+    return setup_client(requests.Session())
+
+
+def setup_httpx(mode: str) -> dict[str, Callable[[], object]]:
+    import httpx
+
+    check_httpx(mode)
+    return setup_client(httpx.Client())
+
+
+def setup_client(client: Any) -> dict[str, Callable[[], object]]:
     url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
-    return {"peer": lambda: session.get(url).content}
+    return {"peer": lambda: client.get(url).content}
 
 
 def raw_cursor(conn: object) -> object:
@@ -109,6 +120,7 @@ def setup_pg(mode: str, autocommit: bool) -> dict[str, Callable[[], object]]:
 SETUPS: dict[str, Callable[[str], dict[str, Callable[[], object]]]] = {
     "urllib3": setup_urllib3,
     "requests": setup_requests,
+    "httpx": setup_httpx,
     "psycopg2-autocommit": lambda mode: setup_pg(mode, autocommit=True),
     "psycopg2-transaction": lambda mode: setup_pg(mode, autocommit=False),
 }

@@ -6,7 +6,7 @@ can be written, with nothing the agent adds beyond it. Per incoming request
 (:class:`Request`): an id from the same generator as the agent's (made once),
 the deadline and its ``X-Request-Deadline`` text (made once). Per call:
 
-- HTTP (urllib3, requests): one monotonic read for the time left, the three
+- HTTP (urllib3, requests, httpx): one monotonic read for the time left, the three
   headers the agent sends (``X-Request-Id``, ``X-Request-Deadline``,
   ``X-Request-Timeout`` to the millisecond, rounded down), the time left as the
   call's connect and read timeout, and one metric record;
@@ -78,7 +78,8 @@ def urllib3_get(pool: Any, request: Request, url: str = "/") -> bytes:
     return data
 
 
-def requests_get(session: Any, request: Request, url: str) -> bytes:
+def requests_get(session: Any, request: Request, url: str, library: str = "requests") -> bytes:
+    """A GET through a ``requests.Session``, or an ``httpx.Client`` (the same ``get``)."""
     left = request.expires - _monotonic()
     ms = int(left * 1000)
     headers = {
@@ -89,7 +90,7 @@ def requests_get(session: Any, request: Request, url: str) -> bytes:
     start = _perf_counter()
     response = session.get(url, headers=headers, timeout=left)
     content: bytes = response.content
-    RECORDS.append(("requests", response.status_code, _perf_counter() - start))
+    RECORDS.append((library, response.status_code, _perf_counter() - start))
     return content
 
 

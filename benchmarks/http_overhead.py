@@ -1,4 +1,4 @@
-"""Per-request overhead of the HTTP instrumentation, urllib3 and requests.
+"""Per-request overhead of the HTTP instrumentation: urllib3, requests and httpx (sync).
 
 Keep-alive GETs against a fast loopback server running in its own process.
 Uninstrumented and fully instrumented rounds alternate in one run (the agent is
@@ -18,7 +18,8 @@ launchers start it (``_peer_worker.py``), a round at a time on command, their
 rounds shuffled among the in-process ones. Each row's ratio is to by hand;
 the agent's added cost over raw is also given as a share of the cheaper
 peer's. The targets (issue 14) are judged in instructions: ``--instructions``
-counts them (``instructions.py``) for urllib3 and requests in the five modes.
+counts them (``instructions.py``) for the three paths in the five modes. httpx
+has no target of its own in issue 14: its rows are reported.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from _util import (  # noqa: E402
 import agent  # noqa: E402
 from agent import config  # noqa: E402
 
-PATHS = ("urllib3", "requests")
+PATHS = ("urllib3", "requests", "httpx")
 
 
 def run_round(do_request, n: int) -> float:
@@ -80,11 +81,13 @@ def main() -> None:
     cfg = config.load({"DD_DOGSTATSD_URL": f"udp://127.0.0.1:{statsd_port}"})
     results: dict[str, object] = {}
     try:
+        import httpx
         import requests
         import urllib3
 
         pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1)
         session = requests.Session()
+        client = httpx.Client()
         url = f"http://127.0.0.1:{port}/"
         clients = {
             "urllib3": (
@@ -94,6 +97,10 @@ def main() -> None:
             "requests": (
                 lambda: session.get(url).content,
                 lambda request: lambda: byhand.requests_get(session, request, url),
+            ),
+            "httpx": (
+                lambda: client.get(url).content,
+                lambda request: lambda: byhand.requests_get(client, request, url, "httpx"),
             ),
         }
         for name, (do_request, by_hand) in clients.items():
