@@ -37,6 +37,10 @@ WRAPT_TARGETS["httpx"] = (
     ("httpx", "Client.send"),
     ("httpx", "HTTPTransport.handle_request"),
 )
+WRAPT_TARGETS["aiohttp"] = (
+    ("aiohttp.client", "ClientSession._request"),
+    ("aiohttp.client_reqrep", "ClientRequest.update_headers"),
+)
 WRAPT_TARGETS["requests"] = (
     *WRAPT_TARGETS["urllib3"],
     ("requests.sessions", "Session.send"),
@@ -165,6 +169,42 @@ def run_client(mode: str, n: int, client: Any, library: str) -> float:
         for _ in range(n):
             client.get(url).content  # noqa: B018
         return time.perf_counter() - start
+
+
+def run_aiohttp(mode: str, n: int) -> float:
+    """N keep-alive GETs through one ``aiohttp.ClientSession``, in one event loop."""
+    import asyncio
+
+    import aiohttp
+
+    # ddtrace and the agent wrap ClientSession._request; OpenTelemetry wraps __init__
+    # (a session it makes has its trace config).
+    if mode == "otel":
+        check_instrumented(mode, aiohttp.ClientSession, "__init__")
+    else:
+        check_instrumented(mode, aiohttp.ClientSession, "_request")
+    return asyncio.run(aiohttp_loop(mode, n))
+
+
+async def aiohttp_loop(mode: str, n: int) -> float:
+    import aiohttp
+
+    url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        if mode in ("hand", "wrapt"):
+            import byhand
+
+            request, get, timeout = hand_request(), byhand.aiohttp_get, aiohttp.ClientTimeout
+            start = time.perf_counter()
+            for _ in range(n):
+                await get(session, request, url, timeout)
+            return time.perf_counter() - start
+        with scope(mode):
+            start = time.perf_counter()
+            for _ in range(n):
+                async with session.get(url) as response:
+                    await response.read()
+            return time.perf_counter() - start
 
 
 def _pg_connect(mode: str, autocommit: bool):
@@ -313,6 +353,7 @@ PATHS = {
     "urllib3": run_urllib3,
     "requests": run_requests,
     "httpx": run_httpx,
+    "aiohttp": run_aiohttp,
     "psycopg2-autocommit": run_pg_autocommit,
     "psycopg2-transaction": run_pg_transaction,
     "wsgi": run_wsgi,

@@ -161,6 +161,7 @@ PEER_PACKAGES = {
         "opentelemetry-instrumentation-urllib3",
         "opentelemetry-instrumentation-requests",
         "opentelemetry-instrumentation-httpx",
+        "opentelemetry-instrumentation-aiohttp-client",
         "opentelemetry-instrumentation-psycopg2",
         "opentelemetry-instrumentation-flask",
     ),
@@ -213,7 +214,7 @@ def peer_env(mode: str, agent_root: str, closed: int) -> dict[str, str]:
     callgrind is charged fifty times its share), telemetry and remote
     configuration (periodic, not per request) off. OpenTelemetry: the distro's
     SDK with the traces, metrics and logs exporters ``none``; every
-    instrumentation installed (urllib3, requests, httpx, psycopg2, Flask) is loaded,
+    instrumentation installed (urllib3, requests, httpx, aiohttp, psycopg2, Flask) is loaded,
     as ``opentelemetry-instrument`` does.
     """
     if mode == "ddtrace":

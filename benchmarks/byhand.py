@@ -6,7 +6,7 @@ can be written, with nothing the agent adds beyond it. Per incoming request
 (:class:`Request`): an id from the same generator as the agent's (made once),
 the deadline and its ``X-Request-Deadline`` text (made once). Per call:
 
-- HTTP (urllib3, requests, httpx): one monotonic read for the time left, the three
+- HTTP (urllib3, requests, httpx, aiohttp): one monotonic read for the time left, the three
   headers the agent sends (``X-Request-Id``, ``X-Request-Deadline``,
   ``X-Request-Timeout`` to the millisecond, rounded down), the time left as the
   call's connect and read timeout, and one metric record;
@@ -91,6 +91,27 @@ def requests_get(session: Any, request: Request, url: str, library: str = "reque
     response = session.get(url, headers=headers, timeout=left)
     content: bytes = response.content
     RECORDS.append((library, response.status_code, _perf_counter() - start))
+    return content
+
+
+async def aiohttp_get(session: Any, request: Request, url: str, timeout_type: Any) -> bytes:
+    """A GET through an ``aiohttp.ClientSession``; ``timeout_type`` is ``aiohttp.ClientTimeout``.
+
+    The time left is the call's ``total`` timeout, with ``ceil_threshold`` above it:
+    aiohttp rounds a timeout of five seconds or more up to a whole second.
+    """
+    left = request.expires - _monotonic()
+    ms = int(left * 1000)
+    headers = {
+        "X-Request-Id": request.request_id,
+        "X-Request-Deadline": request.deadline_header,
+        "X-Request-Timeout": f"{ms // 1000}.{ms % 1000:03d}",
+    }
+    timeout = timeout_type(total=left, ceil_threshold=left + 1)
+    start = _perf_counter()
+    async with session.get(url, headers=headers, timeout=timeout) as response:
+        content: bytes = await response.read()
+    RECORDS.append(("aiohttp", response.status, _perf_counter() - start))
     return content
 
 

@@ -92,12 +92,20 @@ from _util import (  # noqa: E402
 from wsgi_overhead import RawClient  # noqa: E402
 
 DSN = os.environ.get("TALISKER_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-PATHS = ("urllib3", "requests", "httpx", "psycopg2-autocommit", "psycopg2-transaction", "wsgi")
+PATHS = (
+    "urllib3",
+    "requests",
+    "httpx",
+    "aiohttp",
+    "psycopg2-autocommit",
+    "psycopg2-transaction",
+    "wsgi",
+)
 MODES = ("raw", "hand", "wrapt", "agent")
 #: The rows ``agent / by hand`` is judged on: counted over ``--judged-layouts`` at least.
 JUDGED = ("hand", "agent")
 #: The paths the agent patches with wrapt (psycopg2's statements run in a cursor subclass).
-WRAPT_PATHS = ("urllib3", "requests", "httpx", "wsgi")
+WRAPT_PATHS = ("urllib3", "requests", "httpx", "aiohttp", "wsgi")
 #: The idle path's two lengths, in centiseconds of sleep.
 IDLE_LENGTHS = (100, 300)
 Row = dict[str, Any]
@@ -106,6 +114,7 @@ LIBRARIES = (
     "requests",
     "httpx",
     "httpcore",
+    "aiohttp",
     "psycopg2-binary",
     "flask",
     "werkzeug",

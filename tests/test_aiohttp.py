@@ -388,3 +388,57 @@ def test_a_failed_requests_objects_are_freed_without_the_cycle_collector():
         {"TALISKER_ENABLED": "true", "TALISKER_METRICS_ENABLED": "false"},
     )
     assert out.strip().splitlines()[-1] == "kept: []"
+
+
+def test_a_relative_urls_peer_is_its_sessions_base_url(install_agent, statsd, http_server):
+    # The same relative URL through two sessions with two base URLs: two peers. A URL
+    # is parsed once and its endpoint kept, but a relative one is not kept (its
+    # session decides), nor one with user info.
+    from agent.instrumentation import aiohttp as instrumentation
+
+    install_agent()
+    port = http_server.port
+
+    async def main():
+        for base in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+            async with aiohttp.ClientSession(base_url=base) as session:
+                for _ in range(2):
+                    async with session.get("/a") as response:
+                        await response.read()
+        for _ in range(2):
+            await get(f"http://user:secret@127.0.0.1:{port}/b")
+
+    asyncio.run(main())
+    sent(statsd, COUNT, 6)
+    assert statsd.total(COUNT, peer=f"127.0.0.1:{port}") == 4
+    assert statsd.total(COUNT, peer=f"localhost:{port}") == 2
+    assert "/a" not in instrumentation._ENDPOINTS
+    assert not any("secret" in url for url in instrumentation._ENDPOINTS)
+
+
+def test_the_endpoints_kept_are_bounded():
+    from agent.instrumentation import aiohttp as instrumentation
+
+    for n in range(instrumentation._ENDPOINTS_LIMIT + 100):
+        assert instrumentation._peer(None, f"http://host-{n}.example/") == f"host-{n}.example:80"
+    assert 0 < len(instrumentation._ENDPOINTS) <= instrumentation._ENDPOINTS_LIMIT
+    assert instrumentation._peer(None, "https://host-1.example/x") == "host-1.example:443"
+
+
+def test_the_deadline_cuts_each_part_of_the_timeout_longer_than_the_time_left():
+    from agent.instrumentation.aiohttp import _UNSET, _cut_timeout
+
+    given = aiohttp.ClientTimeout(total=None, connect=2, sock_read=60, sock_connect=None)
+    cut = _cut_timeout(given, None, 10.0)
+    assert cut is not None
+    assert (cut.total, cut.connect, cut.sock_read, cut.sock_connect) == (10.0, 2, 10.0, None)
+    assert cut.ceil_threshold > 10  # aiohttp would round 10 s up to a whole second
+    assert _cut_timeout(aiohttp.ClientTimeout(total=5), None, 10.0) is None  # ends first
+
+    class Session:
+        _timeout = aiohttp.ClientTimeout(total=300, sock_connect=30)
+
+    cut = _cut_timeout(_UNSET, Session(), 10.0)  # the call gave none: the session's
+    assert cut is not None and (cut.total, cut.sock_connect) == (10.0, 10.0)
+    cut = _cut_timeout(60, None, 10.0)  # a number is a total
+    assert cut is not None and (cut.total, cut.connect) == (10.0, None)

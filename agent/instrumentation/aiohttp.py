@@ -27,6 +27,8 @@ import sys
 # aiohttp.client has been imported, while aiohttp's own __init__ may still be
 # running (its names are not bound yet).
 from aiohttp.client import ClientConnectionError, ClientTimeout, ServerTimeoutError
+from multidict import CIMultiDict  # both imported by aiohttp.client already
+from yarl import URL
 
 from agent import _log, config, context, naming, propagation
 from agent.http import breaker, client
@@ -129,7 +131,7 @@ def _prepare(
             raise CircuitOpen(f"the circuit to {found.peer} is open; request not sent")
     call.attempts = 1
     try:
-        kwargs["headers"] = _headers(kwargs.get("headers"), session, call, cfg)
+        kwargs["headers"] = _headers(kwargs.get("headers"), session, call, cfg, left)
         if left is not None:
             cut = _cut_timeout(kwargs.get("timeout", _UNSET), session, left)
             if cut is not None:
@@ -142,11 +144,17 @@ def _prepare(
 _UNSET = object()
 
 
-def _headers(given: Any, session: Any, call: client.Call, cfg: Config) -> Any:
-    """The call's headers with ours added, unless the call or the session set them."""
-    from multidict import CIMultiDict
+def _headers(given: Any, session: Any, call: client.Call, cfg: Config, left: float | None) -> Any:
+    """The call's headers with ours added, unless the call or the session set them.
 
-    merged = CIMultiDict(getattr(session, "_default_headers", None) or {})
+    ``left`` is the time left, just read. A call without headers of its own or its
+    session's (the common one) gets a plain dict of ours, as a caller would pass:
+    aiohttp merges it with the session's defaults as it merges any.
+    """
+    defaults = getattr(session, "_default_headers", None)
+    if not given and not defaults:
+        return propagation.attempt_headers(None, call, cfg, None, left)
+    merged = CIMultiDict(defaults or {})
     own = CIMultiDict(given or {})
     merged.update(own)
     added = propagation.attempt_headers(merged, call, cfg, lambda headers: headers.copy())
@@ -170,32 +178,45 @@ def _cut_timeout(given: Any, session: Any, left: float) -> ClientTimeout | None:
         timeout = ClientTimeout()
     if not isinstance(timeout, ClientTimeout):
         return None  # what aiohttp will refuse or reads otherwise: left as it is
-
-    def bounded(value: float | None) -> float:
-        return left if value is None or value > left else value
-
     if timeout.total is not None and timeout.total <= left:
         return None  # already ends before the deadline
+    # Each part that is set, bounded by the time left (written out: no helper frame).
+    connect, sock_read, sock_connect = timeout.connect, timeout.sock_read, timeout.sock_connect
     return ClientTimeout(
-        total=bounded(timeout.total),
-        connect=None if timeout.connect is None else bounded(timeout.connect),
-        sock_read=None if timeout.sock_read is None else bounded(timeout.sock_read),
-        sock_connect=None if timeout.sock_connect is None else bounded(timeout.sock_connect),
+        total=left,
+        connect=left if connect is not None and connect > left else connect,
+        sock_read=left if sock_read is not None and sock_read > left else sock_read,
+        sock_connect=left if sock_connect is not None and sock_connect > left else sock_connect,
         ceil_threshold=max(getattr(timeout, "ceil_threshold", 5), left + 1),
     )
 
 
+#: A call's absolute URL, as given -> its ``(host, port)``: a URL is parsed once, not
+#: on every call to it. Not kept: a relative URL (its session's ``base_url`` decides),
+#: one with user info, a query or a fragment. Cleared when full.
+_ENDPOINTS: dict[str, tuple[str, int | None]] = {}
+_ENDPOINTS_LIMIT = 1024
+_cached_peer = naming.cached
+
+
 def _peer(session: Any, url: Any) -> str | None:
     try:
-        from yarl import URL
-
-        target = URL(str(url))
-        base = getattr(session, "_base_url", None)
-        if not target.is_absolute() and base is not None:
-            target = base.join(target)
-        if not target.host:
-            return None
-        return naming.peer_name(target.host, target.port or _DEFAULT_PORTS.get(target.scheme))
+        text = str(url)
+        endpoint = _ENDPOINTS.get(text)
+        if endpoint is None:
+            target = URL(text)
+            absolute = target.is_absolute()
+            base = getattr(session, "_base_url", None)
+            if not absolute and base is not None:
+                target = base.join(target)
+            if not target.host:
+                return None
+            endpoint = (target.host, target.port or _DEFAULT_PORTS.get(target.scheme))
+            if absolute and not any(c in text for c in "@?#"):
+                if len(_ENDPOINTS) >= _ENDPOINTS_LIMIT:
+                    _ENDPOINTS.clear()
+                _ENDPOINTS[text] = endpoint
+        return _cached_peer(endpoint) or naming.peer_name(*endpoint)
     except Exception:
         return None
 
