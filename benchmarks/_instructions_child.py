@@ -175,15 +175,19 @@ def run_aiohttp(mode: str, n: int) -> float:
     """N keep-alive GETs through one ``aiohttp.ClientSession``, in one event loop."""
     import asyncio
 
+    check_aiohttp(mode)
+    return asyncio.run(aiohttp_loop(mode, n))
+
+
+def check_aiohttp(mode: str) -> None:
+    """ddtrace and the agent wrap ``ClientSession._request``; OpenTelemetry wraps
+    ``__init__`` (a session it makes has its trace config)."""
     import aiohttp
 
-    # ddtrace and the agent wrap ClientSession._request; OpenTelemetry wraps __init__
-    # (a session it makes has its trace config).
     if mode == "otel":
         check_instrumented(mode, aiohttp.ClientSession, "__init__")
     else:
         check_instrumented(mode, aiohttp.ClientSession, "_request")
-    return asyncio.run(aiohttp_loop(mode, n))
 
 
 async def aiohttp_loop(mode: str, n: int) -> float:

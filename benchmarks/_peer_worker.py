@@ -7,11 +7,13 @@ in-process modes of the overhead script do (one keep-alive connection to the
 loopback server of ``$BENCH_HTTP_PORT``, or one connection to
 ``$BENCH_DSN``, its backend put on core 1), checks that the peer's
 instrumentation is in place, warms up, and prints ``ready``. Then each line
-``KIND N`` on stdin is a round: N calls, answered with the µs per call.
+``KIND N`` on stdin is a round: N calls, answered with the µs per call (for
+aiohttp, awaited one after the other in one run of the event loop).
 KIND is ``peer`` (the loop, which the peer instruments) or, for psycopg2,
 ``raw`` (psycopg2's own cursor on the same connection, which the peer does
 not touch: the peer's baseline on its own backend). Paths: ``urllib3``,
-``requests``, ``httpx``, ``psycopg2-autocommit``, ``psycopg2-transaction``.
+``requests``, ``httpx``, ``aiohttp``, ``psycopg2-autocommit``,
+``psycopg2-transaction``.
 
 Between rounds, outside the timing, the peer's tracer is flushed once
 :data:`FLUSH_EVERY` calls have been made since the last flush (the agent's
@@ -31,7 +33,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _instructions_child import _pg_connect, check_httpx, check_instrumented
+from _instructions_child import _pg_connect, check_aiohttp, check_httpx, check_instrumented
+from _util import run_awaited
+
+#: A path's rounds by kind: each takes a number of calls and returns the seconds they took.
+Rounds = dict[str, Callable[[int], float]]
 
 WARM_UP = 200
 #: Calls between two flushes of the peer's tracer.
@@ -78,6 +84,42 @@ def setup_client(client: Any) -> dict[str, Callable[[], object]]:
     return {"peer": lambda: client.get(url).content}
 
 
+def setup_aiohttp(mode: str) -> Rounds:
+    import asyncio
+
+    import aiohttp
+
+    check_aiohttp(mode)
+    loop = asyncio.new_event_loop()
+    url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
+
+    async def make() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+
+    session = loop.run_until_complete(make())
+
+    async def get() -> None:
+        async with session.get(url) as response:
+            await response.read()
+
+    return {"peer": lambda count: run_awaited(loop, get, count)}
+
+
+def looped(calls: dict[str, Callable[[], object]]) -> Rounds:
+    """Rounds of a path's sync calls: each the call in a loop, timed."""
+
+    def timed(call: Callable[[], object]) -> Callable[[int], float]:
+        def run(count: int) -> float:
+            start = time.perf_counter()
+            for _ in range(count):
+                call()
+            return time.perf_counter() - start
+
+        return run
+
+    return {kind: timed(call) for kind, call in calls.items()}
+
+
 def raw_cursor(conn: object) -> object:
     """psycopg2's own cursor on the peer's connection (ddtrace's is a proxy of one)."""
     import psycopg2
@@ -117,12 +159,13 @@ def setup_pg(mode: str, autocommit: bool) -> dict[str, Callable[[], object]]:
     return {"peer": call_commit, "raw": raw_commit}
 
 
-SETUPS: dict[str, Callable[[str], dict[str, Callable[[], object]]]] = {
-    "urllib3": setup_urllib3,
-    "requests": setup_requests,
-    "httpx": setup_httpx,
-    "psycopg2-autocommit": lambda mode: setup_pg(mode, autocommit=True),
-    "psycopg2-transaction": lambda mode: setup_pg(mode, autocommit=False),
+SETUPS: dict[str, Callable[[str], Rounds]] = {
+    "urllib3": lambda mode: looped(setup_urllib3(mode)),
+    "requests": lambda mode: looped(setup_requests(mode)),
+    "httpx": lambda mode: looped(setup_httpx(mode)),
+    "aiohttp": setup_aiohttp,
+    "psycopg2-autocommit": lambda mode: looped(setup_pg(mode, autocommit=True)),
+    "psycopg2-transaction": lambda mode: looped(setup_pg(mode, autocommit=False)),
 }
 
 
@@ -144,21 +187,16 @@ def flusher(mode: str) -> Callable[[], object]:
 def main() -> None:
     path, mode = sys.argv[1], sys.argv[2]
     pin_client()
-    calls = SETUPS[path](mode)
+    rounds = SETUPS[path](mode)
     flush = flusher(mode)
-    for call in calls.values():
-        for _ in range(WARM_UP):
-            call()
+    for run in rounds.values():
+        run(WARM_UP)
     print("ready", flush=True)
-    perf_counter = time.perf_counter
-    unflushed = WARM_UP * len(calls)
+    unflushed = WARM_UP * len(rounds)
     for line in sys.stdin:
         kind, n = line.split()
-        call, count = calls[kind], int(n)
-        start = perf_counter()
-        for _ in range(count):
-            call()
-        seconds = perf_counter() - start
+        count = int(n)
+        seconds = rounds[kind](count)
         unflushed += count
         if unflushed >= FLUSH_EVERY:
             flush()

@@ -82,6 +82,20 @@ def run_alternating(modes: dict[str, Callable[[], float]], rounds: int) -> dict[
     return samples
 
 
+def run_awaited(loop: Any, do_request: Callable[[], Any], n: int) -> float:
+    """Seconds for ``n`` calls of an async ``do_request``, awaited one after the other in
+    one run of ``loop`` (the loop's own start and stop outside the timing)."""
+
+    async def calls() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await do_request()
+        return time.perf_counter() - start
+
+    seconds: float = loop.run_until_complete(calls())
+    return seconds
+
+
 def paired_ratio(base: list[float], other: list[float]) -> tuple[float, float, float]:
     """Median and interquartile range of ``other/base`` over rounds taken close in time.
 

@@ -1,4 +1,4 @@
-"""Per-request overhead of the HTTP instrumentation: urllib3, requests and httpx (sync).
+"""Per-request overhead of the HTTP instrumentation: urllib3, requests, httpx and aiohttp.
 
 Keep-alive GETs against a fast loopback server running in its own process.
 Uninstrumented and fully instrumented rounds alternate in one run (the agent is
@@ -18,8 +18,10 @@ launchers start it (``_peer_worker.py``), a round at a time on command, their
 rounds shuffled among the in-process ones. Each row's ratio is to by hand;
 the agent's added cost over raw is also given as a share of the cheaper
 peer's. The targets (issue 14) are judged in instructions: ``--instructions``
-counts them (``instructions.py``) for the three paths in the five modes. httpx
-has no target of its own in issue 14: its rows are reported.
+counts them (``instructions.py``) for the four paths in the five modes. httpx
+(a sync ``Client``) and aiohttp (a ``ClientSession``, each call awaited in turn in
+one run of the event loop per round) have no target of their own in issue 14:
+their rows are reported.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from _util import (  # noqa: E402
     instructions_mode,
     print_wall,
     run_alternating,
+    run_awaited,
     start,
     wall_rows,
     write_json,
@@ -53,7 +56,7 @@ from _util import (  # noqa: E402
 import agent  # noqa: E402
 from agent import config  # noqa: E402
 
-PATHS = ("urllib3", "requests", "httpx")
+PATHS = ("urllib3", "requests", "httpx", "aiohttp")
 
 
 def run_round(do_request, n: int) -> float:
@@ -61,6 +64,17 @@ def run_round(do_request, n: int) -> float:
     for _ in range(n):
         do_request()
     return (time.perf_counter() - start) / n * 1e6
+
+
+def awaited_rounds(loop):
+    """``run_round`` for an async ``do_request``: µs per call, awaited in ``loop``."""
+    return lambda do_request, n: run_awaited(loop, do_request, n) / n * 1e6
+
+
+async def aiohttp_session():
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
 
 
 def main() -> None:
@@ -81,6 +95,9 @@ def main() -> None:
     cfg = config.load({"DD_DOGSTATSD_URL": f"udp://127.0.0.1:{statsd_port}"})
     results: dict[str, object] = {}
     try:
+        import asyncio
+
+        import aiohttp
         import httpx
         import requests
         import urllib3
@@ -88,37 +105,54 @@ def main() -> None:
         pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=1)
         session = requests.Session()
         client = httpx.Client()
+        loop = asyncio.new_event_loop()
+        aio_session = loop.run_until_complete(aiohttp_session())
         url = f"http://127.0.0.1:{port}/"
+
+        async def aiohttp_get() -> bytes:
+            async with aio_session.get(url) as response:
+                return await response.read()
+
         clients = {
             "urllib3": (
                 lambda: pool.urlopen("GET", "/").data,
                 lambda request: lambda: byhand.urllib3_get(pool, request),
+                run_round,
             ),
             "requests": (
                 lambda: session.get(url).content,
                 lambda request: lambda: byhand.requests_get(session, request, url),
+                run_round,
             ),
             "httpx": (
                 lambda: client.get(url).content,
                 lambda request: lambda: byhand.requests_get(client, request, url, "httpx"),
+                run_round,
+            ),
+            "aiohttp": (
+                aiohttp_get,
+                lambda request: (
+                    lambda: byhand.aiohttp_get(aio_session, request, url, aiohttp.ClientTimeout)
+                ),
+                awaited_rounds(loop),
             ),
         }
-        for name, (do_request, by_hand) in clients.items():
+        for name, (do_request, by_hand, runner) in clients.items():
 
-            def raw_round(do_request=do_request) -> float:
+            def raw_round(do_request=do_request, runner=runner) -> float:
                 agent.uninstall()
-                return run_round(do_request, opts.requests)
+                return runner(do_request, opts.requests)
 
-            def hand_round(by_hand=by_hand) -> float:
+            def hand_round(by_hand=by_hand, runner=runner) -> float:
                 agent.uninstall()
-                result = run_round(by_hand(byhand.Request(3600)), opts.requests)
+                result = runner(by_hand(byhand.Request(3600)), opts.requests)
                 byhand.RECORDS.clear()
                 return result
 
-            def agent_round(do_request=do_request) -> float:
+            def agent_round(do_request=do_request, runner=runner) -> float:
                 agent.install(cfg)
                 with agent.request_context(deadline=3600):
-                    result = run_round(do_request, opts.requests)
+                    result = runner(do_request, opts.requests)
                 agent.flush(5)
                 return result
 
@@ -137,6 +171,8 @@ def main() -> None:
             rows = wall_rows(samples)
             print_wall(name, rows)
             results[name] = {"samples": samples, "rows": rows}
+        loop.run_until_complete(aio_session.close())
+        loop.close()
     finally:
         server.kill()
         receiver.kill()

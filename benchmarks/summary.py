@@ -44,7 +44,7 @@ from _util import (  # noqa: E402
 #: The wall-clock scripts, the paths each measures, and their settings (full, --quick).
 WALL = {
     "http_overhead.py": (
-        ("urllib3", "requests", "httpx"),
+        ("urllib3", "requests", "httpx", "aiohttp"),
         [],
         ["--requests", "200", "--rounds", "6"],
     ),
@@ -57,11 +57,12 @@ WALL = {
 }
 QUICK_INSTRUCTIONS = ["--layouts", "1", "--judged-layouts", "1", "--small", "20", "--big", "60"]
 QUICK_INSTRUCTIONS += ["--peer-small", "20", "--peer-big", "60"]
-#: Every path, in the order of the tables; those in TARGETS are judged, httpx is reported.
+#: Every path, in the order of the tables; those in TARGETS are judged, httpx and aiohttp reported.
 PATH_NAMES = {
     "urllib3": "urllib3 keep-alive GET, deadline",
     "requests": "requests keep-alive GET, deadline",
     "httpx": "httpx keep-alive GET (sync Client), deadline; no target: reported",
+    "aiohttp": "aiohttp keep-alive GET (ClientSession), deadline; no target: reported",
     "psycopg2-autocommit": "psycopg2 SELECT 1, autocommit, deadline",
     "psycopg2-transaction": "psycopg2 SELECT 1 + COMMIT, deadline",
     "wsgi": "Flask trivial view (worker process)",
