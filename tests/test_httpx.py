@@ -192,3 +192,30 @@ def test_a_call_cancelled_by_its_caller_is_a_499_not_an_error(
     assert statsd.total(ERRORS) == 0
     (latency,) = statsd.samples("talisker.requests.latency", status="499")
     assert 0 < latency <= elapsed[0]
+
+
+def test_our_headers_are_added_as_the_general_way_adds_them(install_agent):
+    # The cheap way (ours appended to a copy of the list) gives what attempt_headers'
+    # general way (a copy, then Headers.__setitem__ for each) gives, byte for byte.
+    from agent import propagation
+    from agent.http import client
+    from agent.instrumentation import httpx as instrumentation
+
+    cfg = install_agent()
+    given = httpx.Headers({"Host": "example", "X-Other": "é"}, encoding="utf-8")
+    copy = instrumentation._copy_headers
+    with agent.request_context(request_id="abc", deadline=30), agent.priority("high"):
+        fast = instrumentation._with_ours(given, client.begin("GET"), cfg, 29.0)
+        general = propagation.attempt_headers(given, client.begin("GET"), cfg, copy, 29.0)
+    assert type(fast) is httpx.Headers and len(fast.raw) == 6
+    assert fast.raw == general.raw and fast.multi_items() == general.multi_items()
+    assert fast.encoding == general.encoding == "utf-8"
+    assert "x-request-id" not in given  # the request's own are left alone
+
+    # One of ours there already: the caller's is kept, and nothing says it was ours.
+    mine = httpx.Headers({"x-request-timeout": "5"})
+    with agent.request_context(deadline=30):
+        call = client.begin("GET")
+        kept = instrumentation._with_ours(mine, call, cfg, 29.0)
+    assert kept.get_list("X-Request-Timeout") == ["5"] and "x-request-id" in kept
+    assert call.timeout_sent is None

@@ -239,7 +239,7 @@ def _prepare(request: Any, call: client.Call, cfg: Config) -> tuple[Any, Any] | 
             call.next_reason = "redirect"  # httpx follows redirects, and retries nothing
             client.retried(call, None)
         headers, extensions = request.headers, request.extensions
-        added = propagation.attempt_headers(headers, call, cfg, _copy_headers)
+        added = _with_ours(headers, call, cfg, left)
         if left is not None:
             cut = _cut_timeouts(extensions.get("timeout"), left, call)
             if cut is not None:
@@ -249,6 +249,37 @@ def _prepare(request: Any, call: client.Call, cfg: Config) -> tuple[Any, Any] | 
     except Exception:
         _log.log_once("httpx-attempt", "agent: preparing an httpx request failed", exc_info=True)
         return None
+
+
+def _with_ours(headers: Any, call: client.Call, cfg: Config, left: float | None) -> Any:
+    """``headers`` with ours added: what ``propagation.attempt_headers`` gives, made cheaply.
+
+    The common case, an ``httpx.Headers`` without any header of ours, is a copy
+    of it with ours appended to its list as ``Headers.__setitem__`` appends a name
+    it does not have: ``(name, lower-case name, value)``, encoded as it encodes.
+    Three ``__setitem__`` calls (each scans the list) and the ``in`` checks (each
+    a ``KeyError`` when absent) cost about 40k instructions a request, 2.4% of a
+    keep-alive GET. Anything else goes ``attempt_headers``' general way.
+    """
+    store = getattr(headers, "_list", None)
+    if type(headers) is httpx.Headers and type(store) is list:
+        sent = call.timeout_sent
+        ours = propagation.attempt_headers(None, call, cfg, None, left)
+        present = {item[1] for item in store}
+        encoding = headers._encoding or "utf-8"
+        added = []
+        for name, value in ours.items():
+            key = name.encode(encoding)
+            lower = key.lower()
+            if lower in present:
+                call.timeout_sent = sent  # as it was: the general way decides
+                break
+            added.append((key, lower, value.encode(encoding)))
+        else:
+            new = httpx.Headers(headers)  # a copy of its list, as .copy() makes
+            new._list.extend(added)
+            return new
+    return propagation.attempt_headers(headers, call, cfg, _copy_headers, left)
 
 
 def _copy_headers(headers: Any) -> Any:
