@@ -109,9 +109,11 @@ async def _request(
         if redirects:
             call.attempts += redirects
             call.reasons = ["redirect"] * redirects
-    except Exception:  # pragma: no cover - history is a tuple in every aiohttp 3
-        pass
-    _finish(call, response, None)
+        if call.view is None:  # client.finish's X-View-Name, by aiohttp's own get
+            call.view = response.headers.get(propagation.VIEW_HEADER) or "unknown"
+        client.finish(call, response.status, None, None)
+    except Exception:
+        _log.log_once("aiohttp-record", "agent: recording an aiohttp call failed", exc_info=True)
     return response
 
 
