@@ -219,3 +219,40 @@ def test_our_headers_are_added_as_the_general_way_adds_them(install_agent):
         kept = instrumentation._with_ours(mine, call, cfg, 29.0)
     assert kept.get_list("X-Request-Timeout") == ["5"] and "x-request-id" in kept
     assert call.timeout_sent is None
+
+
+def test_send_and_handle_request_are_plain_functions_that_refuse_as_httpxs(install_agent):
+    # Client.send and HTTPTransport.handle_request get the agent's direct patches: no
+    # wrapt binding on each access, the original's name, signature and refusals.
+    import inspect
+    import types
+
+    from agent import registry
+
+    targets = [
+        (httpx.Client, "send", httpx.Client()),
+        (httpx.HTTPTransport, "handle_request", httpx.HTTPTransport()),
+    ]
+    calls = [((), {}), ((1, 2), {}), ((1,), {"request": 1}), ((), {"request": 1, "bogus": 1})]
+
+    def refusals(obj, name):
+        refused = []
+        for args, kwargs in calls:
+            with pytest.raises(TypeError) as caught:
+                getattr(obj, name)(*args, **kwargs)
+            refused.append(str(caught.value))
+        return refused
+
+    originals = {name: vars(owner)[name] for owner, name, _ in targets}
+    plain = {name: refusals(obj, name) for _, name, obj in targets}
+    install_agent()
+    for owner, name, obj in targets:
+        patched, original = vars(owner)[name], originals[name]
+        assert type(patched) is types.FunctionType and registry.is_ours(patched)
+        assert patched.__wrapped__ is original
+        for attr in ("__name__", "__qualname__", "__module__", "__doc__", "__kwdefaults__"):
+            assert getattr(patched, attr) == getattr(original, attr), attr
+        assert inspect.signature(patched) == inspect.signature(original)
+        assert refusals(obj, name) == plain[name]
+    agent.uninstall()
+    assert all(vars(owner)[name] is originals[name] for owner, name, _ in targets)

@@ -16,6 +16,8 @@ Loaded by the registry when ``httpx`` is imported.
 
 from __future__ import annotations
 
+from types import MethodType as _MethodType
+
 import httpx
 
 from agent import _log, config, context, naming, propagation
@@ -319,10 +321,47 @@ def _peer(request: Any) -> str | None:
     return naming.peer_name(host, port)
 
 
+def direct_send(original: Callable[..., Any]) -> Callable[..., Any] | None:
+    """``Client.send`` as a plain function around ``original``: :func:`send_wrapper`
+    called without wrapt's binding (``Patch(direct=)``). The keyword defaults are
+    the original's own (``USE_CLIENT_DEFAULT``); None if it has others."""
+    defaults = original.__kwdefaults__ or {}
+    if set(defaults) != {"stream", "auth", "follow_redirects"}:
+        return None
+
+    def send(
+        self: Any,
+        request: Any,
+        *,
+        stream: Any = defaults["stream"],
+        auth: Any = defaults["auth"],
+        follow_redirects: Any = defaults["follow_redirects"],
+    ) -> Any:
+        kwargs = {"stream": stream, "auth": auth, "follow_redirects": follow_redirects}
+        return send_wrapper(_MethodType(original, self), self, (request,), kwargs)
+
+    return send
+
+
+def direct_handle_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``HTTPTransport.handle_request`` as a plain function: :func:`handle_request_wrapper`
+    called without wrapt's binding."""
+
+    def handle_request(self: Any, request: Any) -> Any:
+        return handle_request_wrapper(_MethodType(original, self), self, (request,), {})
+
+    return handle_request
+
+
 PATCHES = (
-    Patch("httpx", "Client.send", send_wrapper),
+    Patch("httpx", "Client.send", send_wrapper, direct=direct_send),
     Patch("httpx", "AsyncClient.send", send_async_wrapper),
-    Patch("httpx", "HTTPTransport.handle_request", handle_request_wrapper),
+    Patch(
+        "httpx",
+        "HTTPTransport.handle_request",
+        handle_request_wrapper,
+        direct=direct_handle_request,
+    ),
     Patch("httpx", "AsyncHTTPTransport.handle_async_request", handle_async_request_wrapper),
 )
 
