@@ -33,7 +33,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _instructions_child import _pg_connect, check_aiohttp, check_httpx, check_instrumented
+from _instructions_child import (
+    _pg_connect,
+    aiohttp_session,
+    check_aiohttp,
+    check_httpx,
+    check_instrumented,
+)
 from _util import run_awaited
 
 #: A path's rounds by kind: each takes a number of calls and returns the seconds they took.
@@ -87,16 +93,10 @@ def setup_client(client: Any) -> dict[str, Callable[[], object]]:
 def setup_aiohttp(mode: str) -> Rounds:
     import asyncio
 
-    import aiohttp
-
     check_aiohttp(mode)
     loop = asyncio.new_event_loop()
     url = f"http://127.0.0.1:{os.environ['BENCH_HTTP_PORT']}/"
-
-    async def make() -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
-
-    session = loop.run_until_complete(make())
+    session = loop.run_until_complete(aiohttp_session())
 
     async def get() -> None:
         async with session.get(url) as response:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["TALISKER_ENABLED"] = "false"  # installed explicitly, round by round
 
 import byhand  # noqa: E402
+from _instructions_child import aiohttp_session  # noqa: E402
 from _util import (  # noqa: E402
     RECEIVER,
     SERVER,
@@ -69,12 +70,6 @@ def run_round(do_request, n: int) -> float:
 def awaited_rounds(loop):
     """``run_round`` for an async ``do_request``: µs per call, awaited in ``loop``."""
     return lambda do_request, n: run_awaited(loop, do_request, n) / n * 1e6
-
-
-async def aiohttp_session():
-    import aiohttp
-
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
 
 
 def main() -> None:
