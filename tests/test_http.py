@@ -5,6 +5,7 @@ Real loopback servers, a real DogStatsD receiver with a strict parser.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 
@@ -16,6 +17,7 @@ from urllib3.util.retry import Retry
 
 import agent
 from tests.support.http import UnacceptingServer, closed_port
+from tests.support.proc import check_python
 
 COUNT = "talisker.requests.count"
 ERRORS = "talisker.requests.errors"
@@ -718,6 +720,69 @@ def test_uninstall_stops_everything(install_agent, statsd, http_server):
 
 
 # -- threads -------------------------------------------------------------------
+
+
+def test_a_copy_of_the_context_in_another_thread_makes_calls_of_its_own(
+    install_agent, statsd, http_server
+):
+    # asyncio.to_thread and copy_context().run in a pool run a copy of the context of
+    # a call in flight in another thread: its calls are the application's own, not
+    # attempts of the call in flight (the copy shares that call's record with its thread).
+    install_agent()
+    pool = urllib3.PoolManager()
+    statuses = []
+
+    def in_another_thread(response, **kwargs):  # a requests hook: inside the outer call
+        copy = contextvars.copy_context()
+        thread = threading.Thread(
+            target=lambda: statuses.append(copy.run(pool.request, "GET", http_server.url + "/in"))
+        )
+        thread.start()
+        thread.join()
+
+    with agent.request_context(request_id="outer-id"):
+        requests.get(http_server.url + "/out", hooks={"response": in_another_thread})
+        pool.request("GET", http_server.url + "/after")  # this thread's next call: its own too
+    sent(statsd)
+    assert [r.status for r in statuses] == [200]
+    assert statsd.wait_total(COUNT, 3) == 3
+    assert statsd.total(RETRIES) == 0
+    assert [r.header("X-Request-Id") for r in http_server.requests] == ["outer-id"] * 3
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["gevent-threads", "os-threads"])
+def test_greenlets_sharing_a_context_make_calls_of_their_own(statsd, http_server, threads):
+    # gevent switches greenlets inside a urllib3 call. Greenlets started in a copy of
+    # their parent's context (as ddtrace's gevent integration starts them) share what
+    # the context holds, and without gevent's threads (thread=False) have one thread
+    # id: each call is still its own.
+    check_python(
+        f"""
+        import agent  # first, as sitecustomize or talisker-run imports it
+        from gevent import monkey
+        monkey.patch_all(thread={threads})
+        import contextvars, gevent, urllib3
+
+        pool = urllib3.PoolManager()
+        assert pool.request("GET", "{http_server.url}/first").status == 200
+
+        def start(path):
+            greenlet = gevent.Greenlet(pool.request, "GET", "{http_server.url}" + path)
+            greenlet.gr_context = contextvars.copy_context()
+            greenlet.start()
+            return greenlet
+
+        # each waits in the server while the other is sent: they are in flight together
+        greenlets = [start("/delay/0.3"), start("/delay/0.3")]
+        gevent.joinall(greenlets, raise_error=True)
+        assert [g.value.status for g in greenlets] == [200, 200]
+        assert agent.flush(5)
+        """,
+        {"TALISKER_ENABLED": "true", **statsd.env},
+    )
+    assert statsd.wait_total(COUNT, 3) == 3
+    assert statsd.total(RETRIES) == 0
+    assert len(http_server.requests) == 3
 
 
 def test_sixteen_threads_through_get_session_count_exactly(install_agent, statsd, http_server):

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 SUPPORTED = ((0, 23), (1,))
 
 _current_call = client.current_call
+_current_sync_call = client.current_sync_call
 _time_left = context.time_left
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
@@ -78,10 +79,10 @@ def send_wrapper(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Around ``Client.send``: the record of the logical request."""
-    call = _begin(args, kwargs)
+    call = _begin(args, kwargs, _current_sync_call)
     if call is None:
         return wrapped(*args, **kwargs)
-    token = client.enter(call)
+    token = client.enter_sync(call)
     try:
         response = wrapped(*args, **kwargs)
     except Exception as exc:
@@ -91,7 +92,7 @@ def send_wrapper(
         client.abandoned(call)
         raise
     finally:
-        client.end(token)
+        client.end_sync(token)
     _finish(call, response, None)
     return response
 
@@ -100,7 +101,7 @@ def send_async_wrapper(
     wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Around ``AsyncClient.send``: the record of the logical request."""
-    call = _begin(args, kwargs)
+    call = _begin(args, kwargs, _current_call)
     if call is None:
         return wrapped(*args, **kwargs)
     return _send_async(call, wrapped, args, kwargs)
@@ -124,9 +125,14 @@ async def _send_async(
     return response
 
 
-def _begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> client.Call | None:
-    """A new logical request for ``send(request, ...)``; None when there is none to make."""
-    if config.current is None or _current_call() is not None:
+def _begin(
+    args: tuple[Any, ...], kwargs: dict[str, Any], current: Callable[[], client.Call | None]
+) -> client.Call | None:
+    """A new logical request for ``send(request, ...)``; None when there is none to make.
+
+    ``current`` is the call in flight of the layer's kind (synchronous or asynchronous).
+    """
+    if config.current is None or current() is not None:
         return None
     try:
         request = args[0] if args else kwargs.get("request")
@@ -153,12 +159,12 @@ def handle_request_wrapper(
     cfg = config.current
     if cfg is None:
         return wrapped(*args, **kwargs)
-    call = _current_call()
+    call = _current_sync_call()
     if call is None:  # the transport used without a client: the call is this attempt
-        call = _begin(args, kwargs)
+        call = _begin(args, kwargs, _current_sync_call)
         if call is None:
             return wrapped(*args, **kwargs)
-        token = client.enter(call)
+        token = client.enter_sync(call)
         try:
             response = handle_request_wrapper(wrapped, transport, args, kwargs)
         except Exception as exc:
@@ -168,7 +174,7 @@ def handle_request_wrapper(
             client.abandoned(call)
             raise
         finally:
-            client.end(token)
+            client.end_sync(token)
         _finish(call, response, None)
         return response
     request = args[0] if args else kwargs.get("request")
@@ -196,7 +202,7 @@ async def _handle_async(
     if cfg is None:
         return await wrapped(*args, **kwargs)
     if call is None:
-        call = _begin(args, kwargs)
+        call = _begin(args, kwargs, _current_call)
         if call is None:
             return await wrapped(*args, **kwargs)
         token = client.enter(call)

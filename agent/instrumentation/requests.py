@@ -50,7 +50,7 @@ def send_wrapper(
     if config.current is None:
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
-    call = client.current_call()
+    call = client.current_sync_call()
     if call is not None:  # a redirect, followed inside the outer send
         call.next_reason = "redirect"
         _check_deadline(call, request)
@@ -68,7 +68,7 @@ def send_wrapper(
         call = None
     if call is None:  # inside agent.suppress(), or the agent failed
         return wrapped(*args, **kwargs)
-    token = client.enter(call)
+    token = client.enter_sync(call)
     try:
         _check_deadline(call, request)
         response = wrapped(*args, **kwargs)
@@ -82,7 +82,7 @@ def send_wrapper(
         client.abandoned(call)
         raise
     finally:
-        client.end(token)
+        client.end_sync(token)
     _finish(call, request, response, None)
     try:
         return response

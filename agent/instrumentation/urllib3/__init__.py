@@ -51,10 +51,15 @@ _finish = client.finish
 _abandoned = client.abandoned
 _PREPARE_FAILED = "agent: preparing a urllib3 request failed"
 _RECORD_FAILED = "agent: recording an outgoing call failed"
-_current_call = client.current_call
+_current_call = client.current_sync_call
 _cached_peer = naming.cached
-_enter = client.enter
-_end = client.end
+_enter = client.enter_sync
+_end = client.end_sync
+_in_flight = client.in_flight
+_new_in_flight = client.new_in_flight
+_get_ident = client.get_ident
+_modules = client.modules
+_GREENLET = client.GREENLET
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # positions in urlopen(method, url, body, headers, retries, redirect, assert_same_host, timeout)
 _HEADERS, _RETRIES, _TIMEOUT = 3, 4, 7
@@ -153,14 +158,22 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
                 timeout, pool_timeout, release_conn, chunked, body_pos, preload_content,
                 decode_content, **response_kw,
             )  # fmt: skip
-        if (
+        slot = None
+        if not (
             headers is not None
             or timeout is not _POOL_DEFAULT
             or self.headers
             or cfg.circuit_breaker
             or cfg.retry_policy
-            or _current_call() is not None
+            or _GREENLET in _modules
         ):
+            # client.enter_sync, inline: this thread's InFlight, unless a call is in it.
+            slot = _in_flight()
+            if slot is None or slot.thread != _get_ident():
+                slot = _new_in_flight()
+            elif slot.call is not None:
+                slot = None
+        if slot is None:
             args = (
                 method, url, body, headers, retries, redirect, assert_same_host, timeout,
                 pool_timeout, release_conn, chunked, body_pos, preload_content, decode_content,
@@ -177,7 +190,7 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
                 timeout, pool_timeout, release_conn, chunked, body_pos, preload_content,
                 decode_content, **response_kw,
             )  # fmt: skip
-        token = _enter(call)
+        slot.call = call
         try:
             # The common first attempt, inline, without helper frames (what
             # _attempt does for it): this is every request.
@@ -222,14 +235,14 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
                     decode_content,
                 )  # fmt: skip
         except Exception as exc:
-            _end(token)
+            slot.call = None
             _record(call, None, exc)
             raise
         except BaseException:  # cancelled or interrupted: the caller gave up on it
-            _end(token)
+            slot.call = None
             _abandoned(call)
             raise
-        _end(token)
+        slot.call = None
         try:
             found = response.headers
             if call.view is None and type(found) is HTTPHeaderDict:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["PolicyRetry", "apply_policy", "retry_sleep_wrapper"]
 
 _RETRIES = 4  # position in urlopen(method, url, body, headers, retries, ...)
-_current_call = client.current_call
+_current_call = client.current_sync_call
 _time_left = context.time_left
 _plans: dict[str, tuple[Any, Any, Any]] = {}  # peer -> _plan(...)
 _POLICIES_LIMIT = 1024
