@@ -32,6 +32,13 @@ MODULES = {
 }
 
 
+#: Parsed when the tests are collected, before any test starts a thread: on Python 3.11
+#: the AST constructor's depth count is shared, and a thread parsing meanwhile (3.11's
+#: traceback module does, to print a server thread's error) can make ``ast.parse`` raise
+#: "AST constructor recursion depth mismatch" (python/cpython#106905).
+TREES = {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
+
+
 def _runtime_nodes(tree: ast.AST):
     """Every node, except those under ``if TYPE_CHECKING:``."""
     stack = [tree]
@@ -54,7 +61,7 @@ def imports_of(name: str) -> set[str]:
     path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in _runtime_nodes(TREES[name]):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
