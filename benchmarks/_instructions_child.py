@@ -382,7 +382,7 @@ def shift_layout(seed: int) -> list[object]:
     miss. Either moves a path's count by up to 0.5%, as any change to the
     environment's size or to the code imported before does: one class more in the
     agent gives every urllib3 class another tag, and moved the urllib3 path's misses
-    by 6k instructions a request (stop 26). Each seed is another heap layout and
+    by 7k instructions a request (stop 26). Each seed is another heap layout and
     another start for the tags; the parent averages over several, the same for
     every checkout.
     """
