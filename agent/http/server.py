@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from agent import _log, context, metrics, propagation
-from agent.context import RequestScope, Scope
+from agent.context import Scope
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~10 ms
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def scope_for(
         and priority_header is None
         and not cfg.request_timeout
     ):
-        return RequestScope(request_id)  # the common case
+        return Scope(request_id)  # the common case
     deadline = None
     if deadline_header is not None or timeout_header is not None or cfg.request_timeout:
         deadline = _incoming_deadline(cfg, deadline_header, timeout_header)

@@ -200,7 +200,7 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
             left = None
             if deadline is not None:
                 left = deadline.expires - _monotonic()
-                if left <= 0:
+                if left <= 0.0:
                     _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
             call.attempts = 1
             try:
@@ -325,7 +325,7 @@ def _attempt(
     left = 0.0
     if deadline is not None:
         left = deadline.expires - _monotonic()
-        if left <= 0:
+        if left <= 0.0:
             _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
     if cfg.circuit_breaker:
         _check_circuit(cfg, call)
