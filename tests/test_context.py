@@ -174,3 +174,34 @@ def test_one_context_manager_shared_by_threads_restores_each_threads_scope():
     for t in threads:
         t.join(30)
     assert problems == []
+
+
+def _scopes_made_by_the_agent() -> list[context.Scope]:
+    from agent import config
+    from agent.http import server
+
+    cfg = config.load({})
+    made = [context.EMPTY, server.scope_for(cfg, None, None, None)]
+    made.append(server.scope_for(cfg, "incoming", None, "2.5", "high"))
+    with agent.request_context(deadline=5), agent.deadline(1), agent.suppress():
+        made.append(context.current())
+    return made
+
+
+def test_hot_path_objects_shadow_no_class_attribute():
+    """On Python 3.12 and 3.13 an instance attribute that shadows a class attribute (or a
+    non-data descriptor) is read and written by the generic lookup, never by a specialised
+    instruction: 250-350 instructions more each time, and a request reads the
+    configuration, its scope and its call a dozen times (docs/benchmarks.md, stop 27)."""
+    from agent import config
+    from agent.http import client
+
+    call = client.Call("id", Deadline.after(5), "GET")
+    call.attempts, call.timeout_sent, call.deadline_bound = 2, "4.999", True
+    objects = [config.load({}), call, *_scopes_made_by_the_agent()]
+    for obj in objects:
+        shadowed = [
+            name for name in vars(obj) if any(name in vars(cls) for cls in type(obj).__mro__)
+        ]
+        assert shadowed == [], f"{type(obj).__name__} shadows class attributes"
+    assert {s.attr for s in config.SETTINGS} <= set(vars(config.load({})))
