@@ -237,10 +237,16 @@ def test_status_view_peer_and_method_tags(install_agent, statsd, http_server):
     install_agent()
     requests.post(http_server.url + "/view/users.show", data=b"x")
     requests.get(http_server.url + "/status/404")
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port)
+    for _ in range(
+        3
+    ):  # the metrics thread runs from the first: the next take urlopen's inline record
+        pool.urlopen("PUT", "/view/pool.show", body=b"x")
     sent(statsd)
     peer = http_server.netloc
     assert statsd.wait_total(COUNT, 1, view="users.show", method="POST", status="200", peer=peer)
     assert statsd.total(COUNT, view="unknown", method="GET", status="404") == 1
+    assert statsd.wait_total(COUNT, 3, view="pool.show", method="PUT", status="200", peer=peer) == 3
     assert statsd.total(ERRORS) == 0  # a 4xx is not an error
 
 

@@ -21,6 +21,7 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.util.timeout import Timeout
 
 from agent import _log, config, context, naming, propagation
+from agent import metrics as _metrics
 from agent.http import breaker, client
 from agent.instrumentation import Patch
 from agent.instrumentation.urllib3.errors import CircuitOpen, DeadlineExceeded
@@ -45,9 +46,19 @@ _time_left = context.time_left
 _monotonic = context._monotonic
 _getdefaulttimeout = socket.getdefaulttimeout
 _attempt_headers = propagation.attempt_headers
+_MILLIS = propagation.MILLIS
+_TIMEOUT_HEADER = propagation.TIMEOUT_HEADER
+_PRIORITY_HEADER = propagation.PRIORITY_HEADER
 _client_begin = client.begin
+_current_scope = context.current
+_new_request_id = context.new_request_id
+_Call = client.Call
+_METHODS = client._METHODS
+_method = client._method
 _record = client.record
 _finish = client.finish
+_expand_requests = client.expand_requests
+_perf_counter = client._perf_counter
 _abandoned = client.abandoned
 _PREPARE_FAILED = "agent: preparing a urllib3 request failed"
 _RECORD_FAILED = "agent: recording an outgoing call failed"
@@ -181,7 +192,16 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
             return urlopen_wrapper(_MethodType(original, self), self, args, response_kw)
         call = None
         try:
-            call = _client_begin(method)
+            scope = _current_scope()  # client.begin, inline (a frame fewer)
+            if not scope.suppressed:
+                call = _Call(
+                    scope.request_id or _new_request_id(),
+                    scope.deadline,
+                    _METHODS.get(method) or _method(method),
+                    scope.view,
+                    scope.peer,
+                    scope.priority,
+                )
         except Exception:
             _log.log_once("urllib3-begin", "agent: starting a urllib3 record failed", exc_info=True)
         if call is None:
@@ -204,7 +224,27 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
                     _time_left(deadline, DeadlineExceeded, "; request not sent")  # raises
             call.attempts = 1
             try:
-                headers = _attempt_headers(None, call, cfg, None, left)
+                # propagation.attempt_headers and seconds_left inline, for what this
+                # path knows: no headers of the caller's or the pool's (two frames fewer).
+                new = {cfg.id_header: call.request_id}
+                if deadline is not None and left is not None:
+                    mode = cfg.deadline_headers
+                    if mode != "relative":
+                        new[cfg.deadline_header] = deadline._header or deadline.header()
+                    if mode != "absolute":
+                        ms = int(left * 1000.0)
+                        if ms > 0:
+                            whole = ms // 1000
+                            cached = deadline._whole
+                            if cached[0] != whole:
+                                cached = deadline._whole = (whole, str(whole))
+                            sent = cached[1] + _MILLIS[ms - whole * 1000]
+                        else:
+                            sent = "0.000"
+                        new[_TIMEOUT_HEADER] = call.timeout_sent = sent
+                if call.priority is not None:
+                    new[_PRIORITY_HEADER] = call.priority
+                headers = new
                 if left is not None:
                     default = self.timeout
                     if (
@@ -245,12 +285,32 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
         slot.call = None
         try:
             found = response.headers
-            if call.view is None and type(found) is HTTPHeaderDict:
+            view = call.view
+            if view is None and type(found) is HTTPHeaderDict:
                 # client.finish's X-View-Name, from the store of the type urllib3 2.x
                 # always gives (half the cost of finish's lookup by type).
                 item = found._container.get("x-view-name")
-                call.view = item[-1] if item else "unknown"
-            _finish(call, response.status, found, None)
+                view = call.view = item[-1] if item else "unknown"
+            status = response.status
+            pipeline = _metrics._pipeline
+            queue = None
+            if pipeline is not None and pipeline.thread is not None:
+                queue = pipeline.deferred.get(_expand_requests)
+            if (
+                queue is not None
+                and view is not None
+                and type(status) is int
+                and status < 500
+                and call.attempts == 1
+                and call.budget is None
+                and call.breaker is None
+            ):
+                # client.finish for a call that ended well at its first attempt, inline.
+                took = (_perf_counter() - call.start) * 1000.0
+                peer, method = call.peer or "unknown", call.method
+                queue.append((peer, view, method, status or "error", took, None, None, None, 0.0))
+            else:
+                _finish(call, status, found, None)
         except Exception:
             _log.log_once("urllib3-record", _RECORD_FAILED, exc_info=True)
         try:
