@@ -58,7 +58,7 @@ def compat(session: nox.Session, libraries: str) -> None:
 @nox.session(python=PYTHONS[-1:])
 def lint(session: nox.Session) -> None:
     """ruff check and format check."""
-    session.install("ruff")
+    session.install("ruff>=0.17.5,<0.18")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
