@@ -777,6 +777,9 @@ class Config:
         self.__dict__.update(values)
         #: setting attribute -> "env" or "default" (or "invalid" when the default replaced it)
         self.sources = dict(sources)
+        #: A retry policy or a circuit breaker is set: what a request path tests as one
+        #: bool (an empty dict's truth is the generic TO_BOOL, a bool's the specialised one).
+        self.resilient = bool(values.get("retry_policy") or values.get("circuit_breaker"))
 
     def __eq__(self, other: "object") -> "bool":
         if not isinstance(other, Config):

@@ -995,3 +995,52 @@ def test_an_interrupted_call_is_no_outcome_for_the_circuit_breaker(
     assert sum(b[1] + b[2] for b in circuit._buckets) == 0  # neither a success nor a failure
     sent(statsd)
     assert statsd.wait_total(COUNT, 1, status="499") == 1
+
+
+def test_the_requests_of_a_flush_are_grouped_by_peer_view_method_and_status_in_any_order():
+    """Interleaved groups, equal but not identical strings: each request in its own group."""
+    from agent import metrics
+    from agent.http import client
+
+    view = "".join(["sh", "ow"])  # equal to "show", another object (as each response's is)
+
+    def ok(peer, view, method, status, ms):
+        return (peer, view, method, status, ms, None, None, None, 0.0)
+
+    payloads = [  # each differs from the one before in what its comment says
+        ok("p", "show", "GET", 200, 1.0),
+        ok("p", view, "GET", 200, 2.0),  # nothing (an equal view)
+        ok("q", "show", "GET", 200, 3.0),  # the peer
+        ok("p", "show", "GET", 200, 4.0),  # the peer
+        ok("p", "show", "PUT", 200, 5.0),  # the method
+        ok("p", "show", "GET", 200, 6.0),  # the method
+        ok("p", "show", "GET", 404, 7.0),  # the status
+        ok("p", "list", "GET", 404, 8.0),  # the view
+        ("p", "show", "GET", "error", 9.0, "connection", "ECONNREFUSED", None, 0.0),
+        ok("q", view, "GET", 200, 10.0),
+    ]
+    records = client.expand_requests(payloads)
+
+    def tags(peer, view, method, status):
+        return (("peer", peer), ("view", view), ("method", method), ("status", status))
+
+    groups = [
+        (tags("p", "show", "GET", 200), [1.0, 2.0, 4.0, 6.0]),
+        (tags("q", "show", "GET", 200), [3.0, 10.0]),
+        (tags("p", "show", "PUT", 200), [5.0]),
+        (tags("p", "show", "GET", 404), [7.0]),
+        (tags("p", "list", "GET", 404), [8.0]),
+        (tags("p", "show", "GET", "error"), [9.0]),
+    ]
+    expected = []
+    for group_tags, samples in groups:
+        expected.append((metrics.COUNT, "requests.count", len(samples), group_tags))
+        expected.append((metrics.TIMING, "requests.latency", samples, group_tags))
+    error_tags = (
+        *tags("p", "show", "GET", "error")[:3],
+        ("type", "connection"),
+        ("code", "ECONNREFUSED"),
+    )
+    expected.append((metrics.COUNT, "requests.errors", 1, error_tags))
+    assert records == expected
+    assert client.expand_requests([]) == []

@@ -54,6 +54,16 @@ def test_the_policy_retries_a_503_of_an_idempotent_call_under_the_one_request(
     assert statsd.total(RETRIES, reason="503") == 2 and statsd.total(RETRIES) == 2
 
 
+def test_the_policy_retries_a_pools_own_urlopen(install_agent, statsd, http_server):
+    """No headers, the pool's timeout: what urllib3's first attempt otherwise does inline."""
+    install_agent(TALISKER_RETRY_POLICY=f"{http_server.netloc}:3")
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", http_server.port)
+    assert pool.urlopen("GET", "/flaky/get/2").status == 200
+    assert len(http_server.requests) == 3
+    flushed(statsd, RETRIES, 2)
+    assert statsd.total(COUNT) == 1 and statsd.total(RETRIES, reason="503") == 2
+
+
 def test_the_policy_never_replaces_a_retry_of_the_applications(install_agent, http_server):
     install_agent(TALISKER_RETRY_POLICY="*:3")
     session = requests.Session()
@@ -146,9 +156,12 @@ def test_the_circuit_opens_at_the_threshold_and_calls_then_fail_before_connectin
         urllib3.PoolManager().request("GET", http_server.url + "/ok")
     assert isinstance(through_urllib3.value, agent.CircuitOpen)
     assert isinstance(through_urllib3.value, ConnectionError)
+    with pytest.raises(urllib3.exceptions.MaxRetryError) as through_a_pool:  # no headers
+        urllib3.HTTPConnectionPool("127.0.0.1", http_server.port).urlopen("GET", "/ok")
+    assert isinstance(through_a_pool.value, agent.CircuitOpen)
     assert len(http_server.requests) == 4  # nothing was sent
-    flushed(statsd, ERRORS, 6)
-    assert statsd.total(ERRORS, type="circuit", code="open") == 2
+    flushed(statsd, ERRORS, 7)
+    assert statsd.total(ERRORS, type="circuit", code="open") == 3
     (state,) = statsd.find("talisker.circuit.state")
     assert state.type == "g" and state.value == 2 and state.tag("peer") == http_server.netloc
     warnings = [r.getMessage() for r in caplog.records if "circuit" in r.getMessage()]

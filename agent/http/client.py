@@ -346,23 +346,36 @@ def _retry_reasons(call: Call) -> tuple[str, ...]:
     return (*reasons[:extra], *["unknown"] * (extra - len(reasons)))
 
 
+_NO_GROUP: Any = object()  # what no request's peer, view, method or status is
+
+
 def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any, Any]]:
     """The metrics of a flush's logical requests (runs in the metrics thread).
 
     Requests with the same tags are summed first, so tags are built once per
-    distinct combination, not once per request.
+    distinct combination, not once per request. Consecutive requests mostly share
+    their peer, view, method and status: the group of the one before is reused
+    without building and hashing a key (a new view string each time, from the
+    response's ``X-View-Name``), as :func:`agent.http.server.expand_requests` does.
     """
     counts: dict[tuple[Any, ...], list[Any]] = {}
     errors: dict[tuple[Any, ...], int] = {}
     retries: dict[tuple[Any, ...], int] = {}
     backoffs: dict[tuple[Any, ...], list[float]] = {}
+    last_peer: Any = _NO_GROUP
+    last_view: Any = _NO_GROUP
+    last_method: Any = _NO_GROUP
+    last_status: Any = _NO_GROUP
+    samples: list[Any] = []
     for peer, view, method, status, elapsed_ms, kind, code, reasons, backoff_ms in payloads:
-        key = (peer, view, method, status)
-        samples = counts.get(key)
-        if samples is None:
-            counts[key] = [elapsed_ms]
-        else:
-            samples.append(elapsed_ms)
+        if status != last_status or view != last_view or peer != last_peer or method != last_method:
+            key = (peer, view, method, status)
+            group = counts.get(key)
+            if group is None:
+                group = counts[key] = []
+            samples = group
+            last_peer, last_view, last_method, last_status = key
+        samples.append(elapsed_ms)
         if kind is not None:
             error_key = (peer, view, method, kind, code)
             errors[error_key] = errors.get(error_key, 0) + 1

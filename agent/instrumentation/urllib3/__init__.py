@@ -174,8 +174,7 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
             headers is not None
             or timeout is not _POOL_DEFAULT
             or self.headers
-            or cfg.circuit_breaker
-            or cfg.retry_policy
+            or cfg.resilient  # a circuit breaker or a retry policy
             or _GREENLET in _modules
         ):
             # client.enter_sync, inline: this thread's InFlight, unless a call is in it.
