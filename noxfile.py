@@ -83,7 +83,7 @@ def bench(session: nox.Session) -> None:
 
     `benchmarks/summary.py` runs the wall-clock scripts (start-up, metric call,
     HTTP, SQL, WSGI: 5-10 minutes) and the callgrind instruction counts
-    (about 50 minutes: two heap layouts a row, eight for by hand and agent where a
+    (about 40 minutes: two heap layouts a row, eight for by hand and agent where a
     target is judged in instructions), then
     prints one table per path in both measures and the targets marked pass or
     over (docs/benchmarks.md).

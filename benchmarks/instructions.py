@@ -104,8 +104,9 @@ PATHS = (
 )
 MODES = ("raw", "hand", "wrapt", "agent")
 #: The rows ``agent / by hand`` is judged on: counted over ``--judged-layouts`` at least
-#: on the paths whose target is in instructions (``TARGETS``).
+#: on the paths whose target is in instructions.
 JUDGED = ("hand", "agent")
+JUDGED_PATHS = tuple(path for path, (measure, *_) in TARGETS.items() if measure == "instructions")
 #: The paths the agent patches with wrapt (psycopg2's statements run in a cursor subclass).
 WRAPT_PATHS = ("urllib3", "requests", "httpx", "aiohttp", "wsgi")
 #: The idle path's two lengths, in centiseconds of sleep.
@@ -323,7 +324,7 @@ def measure_all(opts: argparse.Namespace) -> dict[str, Any]:
                     peer = mode in PEERS
                     lengths = (opts.peer_small, opts.peer_big) if peer else (opts.small, opts.big)
                     layouts = opts.peer_layouts if peer else opts.layouts
-                    if mode in JUDGED and TARGETS.get(path, ("",))[0] == "instructions":
+                    if mode in JUDGED and path in JUDGED_PATHS:
                         layouts = max(layouts, opts.judged_layouts)
                     samples = [
                         bench.per_call(path, mode, lengths, layout)
