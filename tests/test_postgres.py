@@ -389,6 +389,36 @@ def test_the_timeout_is_in_the_same_statement_and_never_zero(pg):
         conn.close()
 
 
+@pytest.mark.parametrize("one_clock", [True, False])
+def test_the_inline_path_reads_the_deadline_on_its_own_clock(pg, statsd, monkeypatch, one_clock):
+    """One clock reading serves the deadline and the timer only where they are one clock.
+
+    Where they are not, the timer is set an hour back: read as the deadline's
+    clock, it would give the statement an hour more than the deadline leaves.
+    """
+    from agent.instrumentation.psycopg2 import cursor as timed
+
+    monkeypatch.setattr(timed, "_ONE_CLOCK", one_clock)
+    if not one_clock:
+        monkeypatch.setattr(timed, "_perf_counter", lambda: time.perf_counter() - 3600.0)
+    conn = psycopg2.connect(pg)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            with agent.deadline(2):
+                cur.execute("select 1")  # the session's timeout read: then the inline path
+            assert "select 1" in timed._inline_ops
+            assert conn._talisker.session_ms is not None
+            with agent.deadline(2):
+                cur.execute("select 1")
+                assert 1000 <= ours(cur) <= 2000
+                assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+    sent(statsd, LATENCY, at_least=2)
+    assert all(0.0 <= value < 60_000.0 for value in statsd.samples(LATENCY, operation="select"))
+
+
 def test_statements_that_need_their_own_transaction_run_under_a_deadline(pg):
     """In autocommit a prefix would put them in a transaction block, where they fail."""
     name = f"t_{uuid.uuid4().hex[:12]}"

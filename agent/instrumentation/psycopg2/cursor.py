@@ -57,6 +57,12 @@ _inline_ops: dict[str, str] = {}
 _inline_operation = _inline_ops.get
 _PLAIN_LIMIT = 2048
 _ceil = math.ceil
+#: Whether the deadline's clock (monotonic) and the statement timer (perf_counter)
+#: are one clock, as on Linux and macOS: then the inline path reads it once.
+_ONE_CLOCK = (
+    time.get_clock_info("monotonic").implementation
+    == time.get_clock_info("perf_counter").implementation
+)
 
 __all__ = ["cursor_state", "execute_own", "timed_classes", "timed_cursor_class"]
 
@@ -151,7 +157,10 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
             return _run_other(self, base, state, query, vars)
         deadline = scope.deadline
         if deadline is not None:
-            left = deadline.expires - _monotonic()
+            # One reading for the deadline and the statement's start where the clocks
+            # are one: the prefix built in between is timed with the statement.
+            start = _perf_counter()
+            left = deadline.expires - (start if _ONE_CLOCK else _monotonic())
             session_ms = state.session_ms
             if left <= 0.0 or session_ms is None:
                 return _run_bounded(self, base, state, op, query, vars, deadline)
@@ -170,7 +179,7 @@ def _statement_method(base: Callable[..., Any], name: str) -> Callable[..., Any]
             bound = False
             if state.ours_ms:
                 query = _unbounded(self, state, op, query)
-        start = _perf_counter()
+            start = _perf_counter()
         try:
             result = base(self, query, vars)
         except Exception as exc:
