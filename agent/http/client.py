@@ -42,6 +42,7 @@ __all__ = [
     "enter",
     "enter_sync",
     "finish",
+    "sync_slot",
 ]
 
 _perf_counter = time.perf_counter
@@ -156,6 +157,23 @@ def enter_sync(call: Call) -> Any:
     if found is None or found.thread != _get_ident():
         found = new_in_flight()
     found.call = call
+    return found
+
+
+def sync_slot() -> InFlight | None:
+    """This thread's :class:`InFlight` in the current context, made if there is none.
+
+    :func:`current_sync_call` and :func:`enter_sync` in one lookup, for a layer
+    that asks for the call in flight and then enters its own: the call in flight
+    is its ``call``; ``slot.call = call`` enters one and :func:`end_sync` with the
+    slot leaves it. None once greenlets may switch (:data:`GREENLET`): then use
+    the two functions.
+    """
+    if GREENLET in modules:
+        return None
+    found = _in_flight.get()
+    if found is None or found.thread != _get_ident():
+        found = new_in_flight()
     return found
 
 

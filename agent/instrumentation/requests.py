@@ -50,7 +50,8 @@ def send_wrapper(
     if config.current is None:
         return wrapped(*args, **kwargs)
     request = args[0] if args else kwargs.get("request")
-    call = client.current_sync_call()
+    slot = client.sync_slot()
+    call = client.current_sync_call() if slot is None else slot.call
     if call is not None:  # a redirect, followed inside the outer send
         call.next_reason = "redirect"
         _check_deadline(call, request)
@@ -68,7 +69,11 @@ def send_wrapper(
         call = None
     if call is None:  # inside agent.suppress(), or the agent failed
         return wrapped(*args, **kwargs)
-    token = client.enter_sync(call)
+    if slot is None:
+        token = client.enter_sync(call)
+    else:
+        slot.call = call  # client.enter_sync, with the slot found once
+        token = slot
     try:
         _check_deadline(call, request)
         response = wrapped(*args, **kwargs)
