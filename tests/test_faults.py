@@ -100,6 +100,35 @@ def test_a_forked_child_sends_its_own_metrics_and_not_the_parents(statsd):
     assert len(senders) == 2  # the child sent from a socket of its own
 
 
+def test_a_forked_childs_sinks_hand_to_its_own_queues(statsd):
+    # A sink bound in the parent holds the parent's queue's append; the child's
+    # first payload must go to a queue of the child's, which its thread drains.
+    code = """
+        import os
+        import agent
+        from agent import metrics
+        def expand(payloads):
+            return [(metrics.COUNT, "forktest.sunk", sum(payloads), ())]
+        assert agent.install()
+        sink = metrics.sink(expand)
+        sink.append(1)
+        sink.append(2)  # through the parent's bound queue
+        agent.flush(3)
+        pid = os.fork()
+        if pid == 0:
+            sink.append(100)
+            sink.append(1000)
+            os._exit(0 if agent.flush(3) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+        sink.append(10)
+        agent.flush(3)
+    """
+    proc = run_python(code, statsd.env)
+    assert proc.returncode == 0, proc.stderr
+    assert statsd.wait_total("talisker.forktest.sunk", 1113) == 1113
+
+
 def test_a_fork_while_another_thread_holds_the_agents_locks_leaves_the_child_working():
     # A thread of the parent holds every lock of the agent's that a call or an import
     # takes (the registry's, the circuit breakers' and the retry budgets'); the child

@@ -435,3 +435,71 @@ def test_a_flush_while_another_thread_starts_the_pipeline_waits_for_it(
     recorder.join(10)
     assert result == [True]
     statsd.wait_for(lambda: statsd.total("talisker.first") == 1, 5)
+
+
+def _expand_sunk(payloads):
+    return [(metrics.COUNT, "sunk.count", sum(payloads), ())]
+
+
+def test_a_sink_appends_to_its_queue_once_the_thread_runs(install_agent, statsd):
+    install_agent()
+    sink = metrics.sink(_expand_sunk)
+    assert metrics.sink(_expand_sunk) is sink
+    sink.append(1)  # starts the thread, makes the queue, binds
+    pipeline = metrics.active()
+    assert pipeline is not None and pipeline.thread is not None
+    assert sink.append == pipeline.deferred[_expand_sunk].append  # the hot path: one C call
+    sink.append(2)
+    send(statsd)
+    statsd.wait_for(lambda: statsd.total("talisker.sunk.count") >= 3, 10)
+    assert statsd.total("talisker.sunk.count") == 3
+
+
+def test_a_new_configuration_takes_the_sinks_from_the_old_queues(install_agent, statsd):
+    install_agent()
+    sink = metrics.sink(_expand_sunk)
+    sink.append(1)
+    send(statsd)
+    other = Receiver("udp")
+    try:
+        install_to(other.url)  # a new pipeline; the old one is closed
+        sink.append(10)
+        send(other)
+        other.wait_for(lambda: other.total("talisker.sunk.count") >= 10, 10)
+        assert other.total("talisker.sunk.count") == 10
+        assert statsd.total("talisker.sunk.count") == 1
+        assert not other.errors
+    finally:
+        other.close()
+
+
+def test_a_sink_is_not_left_on_a_queue_replaced_while_it_binds(install_agent, statsd):
+    # configure() lands between the sink's record and its binding to the queue it found.
+    install_agent()
+    other = Receiver("udp")
+    pipeline = metrics.active()
+    assert pipeline is not None and pipeline.thread is None
+
+    class Hooked(dict):
+        gets = 0
+
+        def get(self, key, default=None):
+            Hooked.gets += 1
+            if Hooked.gets == 2:  # the sink's own lookup, after record_deferred's
+                install_to(other.url)
+            return super().get(key, default)
+
+    pipeline.deferred = Hooked()
+    try:
+        sink = metrics.sink(_expand_sunk)
+        sink.append(1)  # to the old pipeline, which the new configuration flushes
+        assert Hooked.gets >= 2
+        sink.append(10)  # to the new one
+        send(other)
+        other.wait_for(lambda: other.total("talisker.sunk.count") >= 10, 10)
+        assert other.total("talisker.sunk.count") == 10
+        statsd.wait_for(lambda: statsd.total("talisker.sunk.count") >= 1, 10)
+        assert statsd.total("talisker.sunk.count") == 1
+        assert not other.errors
+    finally:
+        other.close()

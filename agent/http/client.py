@@ -47,7 +47,6 @@ __all__ = [
 
 _perf_counter = time.perf_counter
 _monotonic = time.monotonic
-_record_deferred = metrics.record_deferred
 _COUNT, _TIMING = metrics.COUNT, metrics.TIMING
 #: The status of a call its caller gave up on: nginx's "client closed request" (the
 #: server side's ``agent.http.server.CLIENT_CLOSED_REQUEST`` for a client gone away).
@@ -285,14 +284,7 @@ def finish(call: Call, status: int | None, headers: Any, error: BaseException | 
         None if call.attempts <= 1 else _retry_reasons(call),
         call.backoff_ms,
     )
-    # metrics.record_deferred, its common case inline (as agent.http.server.finish).
-    pipeline = metrics._pipeline
-    if pipeline is not None:
-        queue = pipeline.deferred.get(expand_requests)
-        if queue is None or pipeline.thread is None:
-            _record_deferred(expand_requests, payload)
-        else:
-            queue.append(payload)
+    _requests.append(payload)
 
 
 def record(call: Call, response: Any, error: BaseException | None, status: str = "status") -> None:
@@ -317,8 +309,7 @@ def abandoned(call: Call) -> None:
     neither the circuit breaker nor the retry budget is told of an outcome. Never raises.
     """
     try:
-        _record_deferred(
-            expand_requests,
+        _requests.append(
             (
                 call.peer or "unknown",
                 call.view or "unknown",
@@ -329,7 +320,7 @@ def abandoned(call: Call) -> None:
                 None,
                 None if call.attempts <= 1 else _retry_reasons(call),
                 call.backoff_ms,
-            ),
+            )
         )
     except Exception:
         _log.log_once("http-abandoned", "agent: recording an abandoned call failed", exc_info=True)
@@ -424,3 +415,7 @@ def expand_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, str, Any
         backoff_tags = (("peer", peer), ("view", view), ("method", method))
         records.append((_TIMING, "requests.backoff", slept, backoff_tags))
     return records
+
+
+#: metrics.record_deferred(expand_requests, ...), for a frame and a lookup less.
+_requests = metrics.sink(expand_requests)

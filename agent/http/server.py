@@ -152,15 +152,7 @@ def finish(request: Request) -> None:
         view = request.view or "unknown"
         kind = request.kind
         payload = (view, request.method, status, latency_ms, cpu_ms, error)
-        # metrics.record_deferred, its common case inline: the queue is there already.
-        pipeline = metrics._pipeline
-        if pipeline is not None:
-            expand = expand_requests if kind == "wsgi" else _EXPANDERS[kind]
-            queue = pipeline.deferred.get(expand)
-            if queue is None or pipeline.thread is None:
-                metrics.record_deferred(expand, payload)
-            else:
-                queue.append(payload)
+        (_wsgi_requests if kind == "wsgi" else _SINKS[kind]).append(payload)
         soft = request.soft_timeout
         if soft is not None and latency_ms > soft * 1000.0:
             name = kind + ".soft_timeouts"
@@ -230,4 +222,9 @@ def expand_aiohttp_requests(payloads: list[tuple[Any, ...]]) -> list[tuple[int, 
     return _expand(payloads, "aiohttp", False)
 
 
-_EXPANDERS = {"asgi": expand_asgi_requests, "aiohttp": expand_aiohttp_requests}
+#: metrics.record_deferred(expand, ...) for each kind of server, a frame and a lookup less.
+_wsgi_requests = metrics.sink(expand_requests)
+_SINKS = {
+    "asgi": metrics.sink(expand_asgi_requests),
+    "aiohttp": metrics.sink(expand_aiohttp_requests),
+}

@@ -86,6 +86,55 @@ def record_deferred(expand: "Callable[[list[Any]], Iterable[Record]]", payload: 
         queue.append(payload)
 
 
+class Sink:
+    """A hot path's hand-over to one ``expand``'s queue: ``sink.append(payload)``.
+
+    What ``record_deferred(expand, payload)`` does, for a frame and a lookup less:
+    once the metrics thread runs, ``append`` is its queue's own ``deque.append``.
+    Until then, and from a fork or a new configuration until the next payload, it
+    is :meth:`record`, which calls :func:`record_deferred` (that starts the
+    thread and makes the queue) and binds ``append`` to the queue. Get one with
+    :func:`sink`.
+    """
+
+    def __init__(self, expand: "Callable[[list[Any]], Iterable[Record]]") -> "None":
+        self.expand = expand
+        # An instance attribute that no class attribute shadows: the hot path's read
+        # of it is specialised (see agent.context.Scope).
+        self.append: Callable[[Any], None] = self.record
+
+    def record(self, payload: "Any") -> "None":
+        """``record_deferred`` for this sink's expand; then bind ``append`` to its queue."""
+        expand = self.expand
+        record_deferred(expand, payload)
+        p = _pipeline
+        if p is not None and p.thread is not None:
+            queue = p.deferred.get(expand)
+            if queue is not None:
+                self.append = queue.append
+                # configure() or a fork may have replaced the queue meanwhile (each
+                # unbinds the sinks after): bound to a queue no thread drains, the
+                # payloads would be lost.
+                if _pipeline is not p or p.deferred.get(expand) is not queue:
+                    self.append = self.record
+
+
+_sinks: "dict[Any, Sink]" = {}
+
+
+def sink(expand: "Callable[[list[Any]], Iterable[Record]]") -> "Sink":
+    """The :class:`Sink` of ``expand`` (one per expand, kept for the process's life)."""
+    found = _sinks.get(expand)
+    if found is None:
+        found = _sinks.setdefault(expand, Sink(expand))
+    return found
+
+
+def _unbind_sinks() -> "None":
+    for found in list(_sinks.values()):
+        found.append = found.record
+
+
 def count(name: "str", value: "float" = 1, tags: "Tags" = ()) -> "None":
     """Add ``value`` to the count ``name``."""
     record(COUNT, name, value, tags)
@@ -120,6 +169,7 @@ def configure(config: "Config | None") -> "None":
     if old is not None and config is not None and old.config == config:
         return
     _pipeline = Pipeline(config) if config is not None else None
+    _unbind_sinks()  # after the swap: see Sink.record
     if old is not None:
         old.close()
 
@@ -133,6 +183,7 @@ def _reset_in_child() -> "None":
     # Runs in the child with one thread: no logging, no locks that may be held.
     if _pipeline is not None:
         _pipeline.reset_after_fork()
+    _unbind_sinks()  # they hold the parent's queues
 
 
 def _start_in_child() -> "None":

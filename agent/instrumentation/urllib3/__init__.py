@@ -21,7 +21,6 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.util.timeout import Timeout
 
 from agent import _log, config, context, naming, propagation
-from agent import metrics as _metrics
 from agent.http import breaker, client
 from agent.instrumentation import Patch
 from agent.instrumentation.urllib3.errors import CircuitOpen, DeadlineExceeded
@@ -57,7 +56,8 @@ _METHODS = client._METHODS
 _method = client._method
 _record = client.record
 _finish = client.finish
-_expand_requests = client.expand_requests
+#: client.finish's hand-over of a request's record (a Sink of metrics).
+_requests = client._requests
 _perf_counter = client._perf_counter
 _abandoned = client.abandoned
 _PREPARE_FAILED = "agent: preparing a urllib3 request failed"
@@ -291,13 +291,8 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
                 item = found._container.get("x-view-name")
                 view = call.view = item[-1] if item else "unknown"
             status = response.status
-            pipeline = _metrics._pipeline
-            queue = None
-            if pipeline is not None and pipeline.thread is not None:
-                queue = pipeline.deferred.get(_expand_requests)
             if (
-                queue is not None
-                and view is not None
+                view is not None
                 and type(status) is int
                 and status < 500
                 and call.attempts == 1
@@ -307,7 +302,9 @@ def direct_urlopen(original: Callable[..., Any]) -> Callable[..., Any]:
                 # client.finish for a call that ended well at its first attempt, inline.
                 took = (_perf_counter() - call.start) * 1000.0
                 peer, method = call.peer or "unknown", call.method
-                queue.append((peer, view, method, status or "error", took, None, None, None, 0.0))
+                _requests.append(
+                    (peer, view, method, status or "error", took, None, None, None, 0.0)
+                )
             else:
                 _finish(call, status, found, None)
         except Exception:
